@@ -1,0 +1,85 @@
+"""Which backends can run where, and the one place that picks one.
+
+``"auto"`` tries, in order, the compiled extension, Triton (on CUDA) and the reference; the
+environment variable ``EMBEDFAST_BACKEND`` replaces ``"auto"``. A backend asked for by name that
+cannot run raises ``RuntimeError`` saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from . import ops
+
+BACKENDS = ("extension", "triton", "reference")
+
+
+@functools.cache
+def _load_failure(backend: str) -> str | None:
+    """Import the backend's kernels once; the reason it cannot load, or None."""
+    if backend == "extension":
+        ops.define_ops("extension")
+        try:
+            importlib.import_module("embedfast._C")
+        except ImportError as error:
+            return f"the C++ extension embedfast._C is not built or does not load ({error})"
+        ops.register_fake_and_autograd("extension")
+    elif backend == "triton":
+        try:
+            importlib.import_module("embedfast.triton_kernels")
+        except ImportError as error:
+            return f"triton is not usable ({error})"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run on ``device``, or None if it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return None
+    if device.type not in ("cpu", "cuda"):
+        return f"the {backend} backend runs on CPU and CUDA tensors, not {device.type}"
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CUDA tensors; CPU tensors need the interpreter (TRITON_INTERPRET=1 before import)"
+    failure = _load_failure(backend)
+    if failure is not None:
+        return failure
+    if backend == "extension" and device.type == "cuda" and not _has_kernel(ops.op_name("forward", "extension"), "CUDA"):
+        return "embedfast._C was built without CUDA kernels"
+    return None
+
+
+def _has_kernel(name: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+
+
+def _auto_order(device: torch.device) -> tuple[str, ...]:
+    # the Triton interpreter on CPU is for testing only: never chosen ahead of the reference
+    return BACKENDS if device.type == "cuda" else ("extension", "reference", "triton")
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run on ``device`` (default CPU), in the order ``"auto"`` tries them."""
+    device = torch.device(device if device is not None else "cpu")
+    return [name for name in _auto_order(device) if unavailable_reason(name, device) is None]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: ``backend`` itself, or the first available one for ``"auto"``."""
+    if backend == "auto":
+        backend = os.environ.get("EMBEDFAST_BACKEND", "auto") or "auto"
+        if backend == "auto":
+            return available_backends(device)[0]
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise RuntimeError(f"embedfast backend {backend!r} is not available on {device.type}: {reason}")
+    return backend
+
+
+def forward_op(backend: str):
+    return getattr(torch.ops.embedfast, f"forward_{backend}")

@@ -1,0 +1,136 @@
+"""``FusedInputEmbedding``: token, position and segment embeddings as one module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import fused_input_embedding
+from .positions import SINUSOID_LAYOUTS
+from .validation import POSITION_MODES, normalize_padding_idx, resolve_scale
+
+
+class FusedInputEmbedding(nn.Module):
+    """``weight[ids] * scale + P[pos] + segment_weight[token_type]``, forward and backward in one pass.
+
+    A drop-in for ``nn.Embedding`` (+ a position encoding, + a BERT token-type embedding): the same
+    parameters, initialisation, ``padding_idx`` rule and sparse gradient.
+
+    Args:
+        num_embeddings: vocabulary size.
+        embedding_dim: width of every table and of the output.
+        padding_idx: as in ``nn.Embedding``: that row is zero-initialised and gets no gradient.
+        num_segments: > 0 adds a ``(num_segments, embedding_dim)`` token-type table ``segment_weight``.
+        position: ``"sinusoidal"`` (fixed), ``"learned"`` (table ``position_weight``) or ``"none"``.
+        max_positions: rows of ``position_weight`` (required for ``"learned"``); for ``"sinusoidal"``
+            an optional bound positions are checked against.
+        sinusoid_layout: ``"interleaved"`` (Vaswani et al.) or ``"concat"`` (tensor2tensor, fairseq).
+        sinusoid_base: the sinusoid wavelength base.
+        scale: ``"sqrt"`` for ``sqrt(embedding_dim)``, a float, or None for no scaling.
+        sparse: ``weight.grad`` is a sparse COO tensor, as with ``nn.Embedding(sparse=True)``.
+        backend: ``"auto"``, ``"extension"``, ``"triton"`` or ``"reference"``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        padding_idx: int | None = None,
+        num_segments: int = 0,
+        position: str = "sinusoidal",
+        max_positions: int | None = None,
+        sinusoid_layout: str = "interleaved",
+        sinusoid_base: float = 10000.0,
+        scale: str | float | None = "sqrt",
+        sparse: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
+            raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
+        if position not in POSITION_MODES:
+            raise ValueError(f"position must be one of {POSITION_MODES}, got {position!r}")
+        if sinusoid_layout not in SINUSOID_LAYOUTS:
+            raise ValueError(f"sinusoid_layout must be one of {SINUSOID_LAYOUTS}, got {sinusoid_layout!r}")
+        if position == "learned" and max_positions is None:
+            raise ValueError("position='learned' needs max_positions (the rows of position_weight)")
+        if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions <= 0):
+            raise ValueError(f"max_positions must be a positive int or None, got {max_positions!r}")
+        if backend not in ("auto", "extension", "triton", "reference"):
+            raise ValueError(f"backend must be 'auto', 'extension', 'triton' or 'reference', got {backend!r}")
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = None if padding_idx is None else normalize_padding_idx(padding_idx, num_embeddings)
+        self.num_segments = num_segments
+        self.position = position
+        self.max_positions = max_positions
+        self.sinusoid_layout = sinusoid_layout
+        self.sinusoid_base = float(sinusoid_base)
+        self.scale = scale
+        self.embed_scale = resolve_scale(scale, embedding_dim)
+        self.sparse = sparse
+        self.backend = backend
+
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, **factory))
+        self.segment_weight = nn.Parameter(torch.empty(num_segments, embedding_dim, **factory)) if num_segments else None
+        learned = position == "learned"
+        self.position_weight = nn.Parameter(torch.empty(max_positions, embedding_dim, **factory)) if learned else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Embedding``'s initialisation: N(0, 1), the padding row zero."""
+        for table in (self.weight, self.segment_weight, self.position_weight):
+            if table is not None:
+                nn.init.normal_(table)
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.weight[self.padding_idx].zero_()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        past_length: int = 0,
+    ) -> torch.Tensor:
+        """Embed ``input_ids`` (any shape ``(*)``) into ``(*, embedding_dim)`` in the weight's dtype."""
+        return fused_input_embedding(
+            input_ids,
+            self.weight,
+            token_type_ids=token_type_ids,
+            segment_weight=self.segment_weight,
+            position_ids=position_ids,
+            position_weight=self.position_weight,
+            position=self.position,
+            max_positions=self.max_positions,
+            sinusoid_layout=self.sinusoid_layout,
+            sinusoid_base=self.sinusoid_base,
+            scale=self.embed_scale,
+            padding_idx=self.padding_idx,
+            sparse=self.sparse,
+            past_length=past_length,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.num_embeddings}, {self.embedding_dim}"]
+        if self.padding_idx is not None:
+            parts.append(f"padding_idx={self.padding_idx}")
+        if self.num_segments:
+            parts.append(f"num_segments={self.num_segments}")
+        parts.append(f"position={self.position!r}")
+        if self.max_positions is not None:
+            parts.append(f"max_positions={self.max_positions}")
+        if self.position == "sinusoidal":
+            parts.append(f"sinusoid_layout={self.sinusoid_layout!r}, sinusoid_base={self.sinusoid_base}")
+        parts.append(f"scale={self.scale!r}")
+        parts.append(f"sparse={self.sparse}, backend={self.backend!r}")
+        return ", ".join(parts)

@@ -1,0 +1,53 @@
+"""Position encodings: the sinusoid formulas (in float64) and position-id helpers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SINUSOID_LAYOUTS = ("interleaved", "concat")
+
+
+def sinusoid_values(positions: torch.Tensor, dim: int, layout: str = "interleaved", base: float = 10000.0) -> torch.Tensor:
+    """The sinusoid encoding of each position, in float64: shape ``positions.shape + (dim,)``.
+
+    ``interleaved`` (Vaswani et al.): ``w_i = base^(-2i/dim)``, column ``2i`` is ``sin(p*w_i)`` and
+    column ``2i+1`` is ``cos(p*w_i)``.
+    ``concat`` (tensor2tensor, fairseq): ``h = dim // 2``, ``w_i = exp(-i*ln(base)/(h-1))``, columns
+    ``[0, h)`` are ``sin(p*w_i)``, columns ``[h, 2h)`` are ``cos(p*w_i)``, and the last column is
+    zero when ``dim`` is odd. For ``h == 1`` the single frequency is 1 (fairseq divides by zero).
+    """
+    if layout not in SINUSOID_LAYOUTS:
+        raise ValueError(f"sinusoid_layout must be one of {SINUSOID_LAYOUTS}, got {layout!r}")
+    p = positions.to(torch.float64).unsqueeze(-1)
+    cols = torch.arange(dim, dtype=torch.float64, device=positions.device)
+    if layout == "interleaved":
+        freq = base ** (-2.0 * torch.div(cols, 2, rounding_mode="floor") / dim)
+        angle = p * freq
+        return torch.where(cols % 2 == 0, torch.sin(angle), torch.cos(angle))
+    half = dim // 2
+    i = torch.where(cols < half, cols, cols - half)
+    freq = torch.exp(-i * math.log(base) / max(half - 1, 1))
+    angle = p * freq
+    values = torch.where(cols < half, torch.sin(angle), torch.cos(angle))
+    return torch.where(cols < 2 * half, values, torch.zeros_like(values))
+
+
+def sinusoidal_positions(
+    num_positions: int,
+    dim: int,
+    layout: str = "interleaved",
+    base: float = 10000.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The ``(num_positions, dim)`` sinusoid table, computed in float64 and rounded once to ``dtype``."""
+    positions = torch.arange(num_positions, dtype=torch.int64, device=device)
+    return sinusoid_values(positions, dim, layout, base).to(dtype)
+
+
+def default_position_ids(num_tokens: int, seq_len: int, past_length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Positions of a flattened ``(..., seq_len)`` batch: ``past_length + (n % seq_len)`` for token ``n``."""
+    return past_length + torch.arange(num_tokens, dtype=torch.int64, device=device) % max(seq_len, 1)

@@ -1,0 +1,85 @@
+"""Input checks at the API boundary: each failure names the argument and the bad value."""
+
+from __future__ import annotations
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+POSITION_MODES = ("sinusoidal", "learned", "none")
+
+
+def check_index_range(name: str, ids: torch.Tensor, bound: int | None) -> None:
+    """Raise ``IndexError`` unless every element of ``ids`` lies in ``[0, bound)`` (``[0, inf)`` if None).
+
+    Reads the values, so on CUDA it synchronizes with the host.
+    """
+    if ids.numel() == 0:
+        return
+    low, high = torch.aminmax(ids)
+    low, high = int(low), int(high)
+    if low < 0:
+        raise IndexError(f"{name} contains {low}: indices must be >= 0")
+    if bound is not None and high >= bound:
+        raise IndexError(f"{name} contains {high}, out of range for a table of {bound} rows (valid: 0..{bound - 1})")
+
+
+def check_index_tensor(name: str, ids: torch.Tensor) -> None:
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got dtype {ids.dtype}")
+
+
+def check_table(name: str, table: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    """A 2-D floating table; with ``weight`` given, also its dim, dtype and device must match."""
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
+    if table.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, embedding_dim), got shape {tuple(table.shape)}")
+    if table.dtype not in TABLE_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got dtype {table.dtype}")
+    if weight is None:
+        return
+    if table.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name} has embedding_dim {table.shape[1]}, but weight has {weight.shape[1]}")
+    if table.dtype != weight.dtype:
+        raise TypeError(f"{name} has dtype {table.dtype}, but weight has {weight.dtype}")
+    if table.device != weight.device:
+        raise ValueError(f"{name} is on {table.device}, but weight is on {weight.device}")
+
+
+def check_same_device(name: str, tensor: torch.Tensor, weight: torch.Tensor) -> None:
+    if tensor.device != weight.device:
+        raise ValueError(f"{name} is on {tensor.device}, but weight is on {weight.device}")
+
+
+def check_broadcastable(name: str, ids: torch.Tensor, shape: torch.Size) -> None:
+    try:
+        fits = torch.broadcast_shapes(ids.shape, shape) == shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}, which does not broadcast to input_ids' shape {tuple(shape)}")
+
+
+def normalize_padding_idx(padding_idx: int | None, num_embeddings: int) -> int:
+    """nn.Embedding's rule: ``padding_idx`` in ``[-num_embeddings, num_embeddings)``; -1 means none."""
+    if padding_idx is None:
+        return -1
+    if not -num_embeddings <= padding_idx < num_embeddings:
+        raise ValueError(f"padding_idx must be within [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+    return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
+
+
+def resolve_scale(scale: str | float | None, embedding_dim: int) -> float:
+    """``"sqrt"`` -> ``sqrt(embedding_dim)``, ``None`` -> 1.0, a number -> itself."""
+    if scale is None:
+        return 1.0
+    if isinstance(scale, str):
+        if scale != "sqrt":
+            raise ValueError(f"scale must be 'sqrt', a float or None, got {scale!r}")
+        return float(embedding_dim) ** 0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be 'sqrt', a float or None, got {scale!r}")
+    return float(scale)

@@ -1,0 +1,105 @@
+"""Test cases and the ground truth: autograd through the unfused reference in float64."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+import embedfast
+from embedfast.reference import unfused_input_embedding
+
+# relative tolerance per storage dtype; absolute tolerance is this times the largest |truth|
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: tuple = (3, 5)
+    dim: int = 64
+    vocab: int = 50
+    position: str = "sinusoidal"
+    layout: str = "interleaved"
+    max_positions: int | None = None
+    segments: int = 0
+    padding_idx: int | None = None
+    past_length: int = 0
+    explicit_positions: bool = False
+    explicit_token_types: bool = True
+    ids_dtype: torch.dtype = torch.int64
+    noncontiguous: bool = False
+    scale: object = "sqrt"
+    sparse: bool = True
+
+    def module(self, dtype, device, backend) -> embedfast.FusedInputEmbedding:
+        module = embedfast.FusedInputEmbedding(
+            self.vocab, self.dim, padding_idx=self.padding_idx, num_segments=self.segments, position=self.position,
+            max_positions=self.max_positions, sinusoid_layout=self.layout, scale=self.scale, sparse=self.sparse,
+            backend=backend, device=device, dtype=dtype)
+        with torch.no_grad():  # a non-zero padding row makes the forward check the padding row too
+            module.weight.normal_()
+        return module
+
+    def inputs(self, device, generator=None) -> dict:
+        """Fresh random ids (with duplicates and the padding token) and optional positions / token types."""
+        ids = _randint(self.vocab, self.shape, self.ids_dtype, device, generator)
+        if self.padding_idx is not None and ids.numel() > 0:
+            ids.view(-1)[:: 3] = self.padding_idx % self.vocab
+        if self.noncontiguous:
+            ids = _noncontiguous(ids)
+        kwargs = {"input_ids": ids}
+        if self.segments and self.explicit_token_types:
+            types = _randint(self.segments, self.shape, self.ids_dtype, device, generator)
+            kwargs["token_type_ids"] = _noncontiguous(types) if self.noncontiguous else types
+        if self.explicit_positions:
+            bound = self.max_positions or 40
+            kwargs["position_ids"] = _randint(bound, self.shape[-1:], torch.int64, device, generator)  # broadcast over batch
+        return kwargs
+
+
+def _noncontiguous(t):
+    """The same values, every other element of a wider buffer."""
+    return torch.stack([t, t], dim=-1)[..., 0]
+
+
+def _randint(high, shape, dtype, device, generator):
+    return torch.randint(0, high, shape, dtype=dtype, generator=generator).to(device)
+
+
+def truth(module: embedfast.FusedInputEmbedding, inputs: dict, past_length: int = 0, dtype: torch.dtype = torch.float64):
+    """The unfused reference on ``dtype`` copies of the module's tables (leaves that collect gradients)."""
+    ids = inputs["input_ids"]
+    weight = module.weight.detach().to(dtype).requires_grad_()
+    tables = {"weight": weight}
+    kwargs = {"scale": module.embed_scale, "padding_idx": module.padding_idx}
+    if module.position != "none":
+        seq_len = ids.shape[-1] if ids.dim() else 1
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = past_length + torch.arange(seq_len, device=ids.device)
+        positions = positions.expand(ids.shape)
+        if module.position == "learned":
+            table = module.position_weight.detach().to(dtype).requires_grad_()
+            tables["position_weight"] = table
+        else:
+            rows = int(positions.max()) + 1 if positions.numel() else 1
+            table = embedfast.sinusoidal_positions(rows, module.embedding_dim, module.sinusoid_layout, module.sinusoid_base,
+                                                   dtype=torch.float64, device=ids.device).to(dtype)
+        kwargs.update(position_table=table, position_ids=positions)
+    if module.segment_weight is not None:
+        segments = module.segment_weight.detach().to(dtype).requires_grad_()
+        tables["segment_weight"] = segments
+        kwargs.update(segment_weight=segments, token_type_ids=inputs.get("token_type_ids", torch.zeros_like(ids)).expand(ids.shape))
+    return unfused_input_embedding(ids, weight, **kwargs), tables
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """Every element within the dtype's tolerance of the float64 truth."""
+    tol = TOLERANCE[dtype]
+    expected = expected.detach().to(torch.float64)
+    atol = tol * float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(actual.to(torch.float64), expected, rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def dense_grad(grad: torch.Tensor) -> torch.Tensor:
+    return grad.coalesce().to_dense() if grad.is_sparse else grad

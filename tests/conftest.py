@@ -1,0 +1,32 @@
+import os
+
+# The Triton interpreter must be on before triton_kernels is imported: CPU tensors then run Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import embedfast  # noqa: E402
+
+BACKENDS = ("reference", "extension", "triton")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on CUDA tensors; skipped where no GPU is visible")
+    config.addinivalue_line("markers", "slow: large or long tests")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible")
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, device):
+    """Each backend that can run on ``device``; the others are skipped with the reason."""
+    reason = embedfast.backends.unavailable_reason(request.param, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"{request.param} backend unavailable: {reason}")
+    return request.param

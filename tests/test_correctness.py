@@ -1,0 +1,79 @@
+"""Forward and every gradient of each backend against autograd through the unfused reference."""
+
+import pytest
+import torch
+
+from cases import Case, assert_close, dense_grad, truth
+
+CASES = {
+    "1d-odd-dim": Case(shape=(7,), dim=7),
+    "2d-concat-odd": Case(shape=(2, 6), dim=7, layout="concat", segments=2),
+    "3d-learned": Case(shape=(2, 3, 4), dim=64, position="learned", max_positions=16),
+    "bert": Case(shape=(2, 6), dim=768, vocab=300, position="learned", max_positions=8, segments=2, padding_idx=0,
+                 ids_dtype=torch.int32),
+    "decode-past-length": Case(shape=(2, 1), past_length=5, layout="concat", segments=3, max_positions=8),
+    "explicit-positions": Case(shape=(3, 5), explicit_positions=True, padding_idx=-1),
+    "explicit-positions-learned": Case(shape=(2, 5), position="learned", max_positions=40, explicit_positions=True),
+    "no-position-no-scale": Case(position="none", scale=None, padding_idx=3, ids_dtype=torch.int32),
+    "default-token-types": Case(segments=2, explicit_token_types=False, scale=0.5),
+    "dense-grad": Case(shape=(4, 8), position="learned", max_positions=8, segments=2, padding_idx=1, sparse=False),
+    "noncontiguous": Case(shape=(3, 4), segments=2, noncontiguous=True),
+    "empty": Case(shape=(0,), segments=2),
+    "empty-batch": Case(shape=(2, 0), position="learned", max_positions=4),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_forward_and_gradients_match_reference(case, dtype, backend, device):
+    generator = torch.Generator().manual_seed(hash((str(case), str(dtype))) % 2**31)
+    module = case.module(dtype, device, backend)
+    inputs = case.inputs(device, generator)
+
+    out = module(**inputs, past_length=case.past_length)
+    expected, tables = truth(module, inputs, case.past_length)
+    assert out.shape == (*inputs["input_ids"].shape, case.dim)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, "forward")
+    if dtype != torch.float32:  # one rounding: no worse than twice the error of eager PyTorch in this dtype
+        eager, _ = truth(module, inputs, case.past_length, dtype=dtype)
+        error, eager_error = (out.double() - expected).abs(), (eager.double() - expected).abs()
+        if error.numel():
+            assert error.max() <= 2 * eager_error.max() + 1e-6 * expected.abs().max()
+
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    out.backward(grad_out)
+    expected.backward(grad_out.double())
+    assert module.weight.grad.is_sparse == case.sparse
+    if case.sparse:
+        assert module.weight.grad._nnz() < 2 or not module.weight.grad.is_coalesced()
+        assert module.weight.grad.dtype == dtype
+    for name, table in tables.items():
+        grad = getattr(module, name).grad
+        assert grad.dtype == dtype
+        assert_close(dense_grad(grad), table.grad, dtype, f"{name}.grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_gradient_has_one_row_per_non_padding_token(dtype, backend, device):
+    case = Case(shape=(4, 6), padding_idx=2, segments=2)
+    module = case.module(dtype, device, backend)
+    ids = case.inputs(device)["input_ids"]
+    module(ids).sum().backward()
+    grad = module.weight.grad
+    reference = torch.nn.Embedding(case.vocab, case.dim, padding_idx=2, sparse=True, device=device, dtype=dtype)
+    (reference(ids) * module.embed_scale).sum().backward()
+    assert grad._nnz() == reference.weight.grad._nnz() == int((ids != 2).sum())
+    torch.testing.assert_close(grad._indices(), reference.weight.grad._indices())
+    torch.testing.assert_close(grad._values(), reference.weight.grad._values())
+
+
+def test_frozen_tables_get_no_gradient(backend, device):
+    case = Case(position="learned", max_positions=8, segments=2)
+    module = case.module(torch.float32, device, backend)
+    module.weight.requires_grad_(False)
+    module.segment_weight.requires_grad_(False)
+    module(**case.inputs(device)).sum().backward()
+    assert module.weight.grad is None and module.segment_weight.grad is None
+    assert module.position_weight.grad is not None
