@@ -69,6 +69,7 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name in _auto_order(device) if unavailable_reason(name, device) is None]
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once, while tracing, and keeps the answer
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that will run: ``backend`` itself, or the first available one for ``"auto"``."""
     if backend == "auto":

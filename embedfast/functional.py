@@ -85,7 +85,8 @@ def fused_input_embedding(
             raise ValueError("token_type_ids were given, but there is no segment table (num_segments=0)")
         token_type_ids = _flat_indices("token_type_ids", token_type_ids, shape, weight)
 
-    input_ids, position_ids, token_type_ids = _common_index_dtype(input_ids.reshape(-1), position_ids, token_type_ids)
+    input_ids, position_ids, token_type_ids = _common_index_dtype(input_ids.reshape(-1).contiguous(), position_ids, token_type_ids)
+    weight, position_weight, segment_weight = (None if t is None else t.contiguous() for t in (weight, position_weight, segment_weight))
     op = forward_op(resolve_backend(backend, weight.device))
     out = op(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, embed_scale,
              mode, float(sinusoid_base), bound, past_length, seq_len, padding, bool(sparse))
@@ -117,7 +118,7 @@ def _flat_indices(name: str, ids: torch.Tensor, shape: torch.Size, weight: torch
     check_index_tensor(name, ids)
     check_same_device(name, ids, weight)
     check_broadcastable(name, ids, shape)
-    return ids.expand(shape).reshape(-1)
+    return ids.expand(shape).reshape(-1).contiguous()
 
 
 def _common_index_dtype(*indices: torch.Tensor | None) -> list[torch.Tensor | None]:

@@ -1,0 +1,51 @@
+// Per-element math of the fused embedding, shared by the CPU and the CUDA kernels.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace embedfast {
+
+enum class PositionMode : int { kNone, kLearned, kInterleaved, kConcat };
+
+// Column `col` of the sinusoid table: P[pos, col] = keep * sin(pos * freq + phase); phase pi/2 gives cos.
+struct SinusoidColumn {
+  double freq;
+  double phase;
+  float keep;
+};
+
+C10_HOST_DEVICE inline SinusoidColumn sinusoid_column(int64_t col, int64_t dim, PositionMode layout, double log_base) {
+  constexpr double kHalfPi = 1.57079632679489661923;
+  if (layout == PositionMode::kInterleaved) {
+    // Vaswani et al.: w_i = base^(-2i/d); even columns sin, odd columns cos
+    return {::exp(-2.0 * static_cast<double>(col / 2) * log_base / static_cast<double>(dim)), (col % 2) ? kHalfPi : 0.0,
+            1.0f};
+  }
+  // tensor2tensor / fairseq: w_i = exp(-i ln(base) / (h - 1)); [sin | cos | 0 when d is odd]
+  const int64_t half = dim / 2;
+  if (col >= 2 * half) {
+    return {0.0, 0.0, 0.0f};
+  }
+  const int64_t i = col < half ? col : col - half;
+  const double step = log_base / static_cast<double>(half > 1 ? half - 1 : 1);
+  return {::exp(-static_cast<double>(i) * step), col < half ? 0.0 : kHalfPi, 1.0f};
+}
+
+// pos * freq + phase reduced to [-pi, pi] in double: the float sine of it stays accurate to fp32 for large
+// positions (a float product pos * freq would already be off by ~1e-3 rad at pos 16384).
+C10_HOST_DEVICE inline double sinusoid_angle(int64_t pos, const SinusoidColumn& column) {
+  constexpr double kTwoPi = 6.28318530717958647692;
+  constexpr double kInvTwoPi = 0.15915494309189533577;
+  const double angle = static_cast<double>(pos) * column.freq + column.phase;
+  return angle - kTwoPi * ::rint(angle * kInvTwoPi);
+}
+
+// The fused value, in the order of the unfused reference: (w * scale + p) + s, all fp32.
+C10_HOST_DEVICE inline float combine(float token, float scale, float position, float segment) {
+  return token * scale + position + segment;
+}
+
+}  // namespace embedfast
