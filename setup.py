@@ -59,7 +59,8 @@ def extension_modules():
 
     use_cuda = bool(torch.version.cuda) and cuda_home is not None and os.environ.get("EMBEDFAST_NO_CUDA") != "1"
     sources = ["csrc/module.cpp", "csrc/cpu/fused_embedding_cpu.cpp"]
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    # ATen's parallel_for is OpenMP inside the headers: without -fopenmp it runs on one thread
+    cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     include_dirs = [str(ROOT / "csrc" / "include")]
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -67,11 +68,11 @@ def extension_modules():
         include_dirs += pip_cuda_include_dirs()
         sources.append("csrc/cuda/fused_embedding_cuda.cu")
         extension = cpp_extension.CUDAExtension(
-            "embedfast._C", sources, include_dirs=include_dirs,
+            "embedfast._C", sources, include_dirs=include_dirs, extra_link_args=["-fopenmp"],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})
     else:
         extension = cpp_extension.CppExtension("embedfast._C", sources, include_dirs=include_dirs,
-                                               extra_compile_args={"cxx": cxx_flags})
+                                               extra_link_args=["-fopenmp"], extra_compile_args={"cxx": cxx_flags})
     print(f"embedfast: building {'CUDA + CPU' if use_cuda else 'CPU'} kernels"
           + (f" (CUDA_HOME={cuda_home}, arch list {os.environ.get('TORCH_CUDA_ARCH_LIST')})" if use_cuda else ""),
           file=sys.stderr)

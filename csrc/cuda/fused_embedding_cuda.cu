@@ -1,0 +1,363 @@
+// CUDA kernels of embedfast::forward_extension and embedfast::backward_extension.
+//
+// Forward: threads along x own 16-byte column chunks, threads along y walk token rows, so a warp reads
+// contiguous 512-byte spans of one row (LDG.E.128) and the sinusoid frequencies of a chunk are computed
+// once per thread. Sinusoids are computed in-kernel (angle reduced in float64, see kernel_math.h): a
+// table would add a read per element for nothing a memory-bound kernel can use.
+// Backward: one pass over grad_out writes the sparse values and per-block segment sums (up to
+// kMaxRegisterSegments segments in registers); a second tiny kernel adds the block sums in block order.
+// Dense token and learned-position gradients: stable sort of the keys, then one thread group per run of
+// equal keys sums its rows in token order. No float atomics anywhere: results are bitwise reproducible.
+// Everything runs on the current stream with no host synchronization except the index-range checks, which
+// are skipped while a CUDA graph is being captured (the kernels then trap on a bad index).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "embedfast/checks.h"
+#include "embedfast/kernel_math.h"
+
+namespace embedfast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxRegisterSegments = 4;
+constexpr int64_t kTokensPerBlock = 64;  // backward reduction block: fixed, so sums do not depend on the GPU
+constexpr int kMaxGridY = 65535;
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Chunk {
+  scalar_t v[kVec];
+};
+
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ Chunk<scalar_t, kVec> load_chunk(const scalar_t* p) {
+  return *reinterpret_cast<const Chunk<scalar_t, kVec>*>(p);
+}
+
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void store_chunk(scalar_t* p, const Chunk<scalar_t, kVec>& c) {
+  *reinterpret_cast<Chunk<scalar_t, kVec>*>(p) = c;
+}
+
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Sine of an angle already reduced to [-pi, 3pi/2]: __sinf there is within 4e-7 of the true value and,
+// unlike sinf, has no slow path for huge arguments (which needs a stack frame). float64 tables keep ::sin.
+template <typename acc>
+__device__ __forceinline__ acc sine(double reduced_angle) {
+  if constexpr (std::is_same_v<acc, double>) {
+    return ::sin(reduced_angle);
+  } else {
+    return __sinf(static_cast<float>(reduced_angle));
+  }
+}
+
+template <typename index_t>
+__device__ __forceinline__ int64_t position_of(const index_t* position_ids, int64_t n, int64_t past_length,
+                                               int64_t seq_len) {
+  return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : past_length + n % seq_len;
+}
+
+template <typename scalar_t, typename index_t, int kVec>
+__global__ void __launch_bounds__(kThreads) forward_kernel(
+    const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const index_t* __restrict__ position_ids,
+    const scalar_t* __restrict__ position_weight, const index_t* __restrict__ segment_ids,
+    const scalar_t* __restrict__ segment_weight, scalar_t* __restrict__ out, int64_t tokens, int64_t dim,
+    int64_t num_embeddings, acc_t<scalar_t> scale, PositionMode mode, double log_base, int64_t past_length,
+    int64_t seq_len) {
+  using acc = acc_t<scalar_t>;
+  const int64_t chunks = dim / kVec;
+  for (int64_t chunk = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; chunk < chunks;
+       chunk += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t col = chunk * kVec;
+    const bool sinusoid = mode == PositionMode::kInterleaved || mode == PositionMode::kConcat;
+    SinusoidColumn columns[kVec];
+    if (sinusoid) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) columns[k] = sinusoid_column(col + k, dim, mode, log_base);
+    }
+    for (int64_t n = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; n < tokens; n += int64_t(gridDim.y) * blockDim.y) {
+      const int64_t id = static_cast<int64_t>(ids[n]);
+      if (id < 0 || id >= num_embeddings) __trap();  // only reachable when the host check was skipped (graph capture)
+      const auto token = load_chunk<scalar_t, kVec>(weight + id * dim + col);
+      acc position[kVec] = {};
+      acc segment[kVec] = {};
+      if (mode == PositionMode::kLearned) {
+        const auto row = load_chunk<scalar_t, kVec>(position_weight + position_of(position_ids, n, past_length, seq_len) * dim + col);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) position[k] = static_cast<acc>(row.v[k]);
+      } else if (sinusoid) {
+        const int64_t pos = position_of(position_ids, n, past_length, seq_len);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) position[k] = sine<acc>(sinusoid_angle(pos, columns[k])) * columns[k].keep;
+      }
+      if (segment_weight != nullptr) {
+        const int64_t seg = segment_ids != nullptr ? static_cast<int64_t>(segment_ids[n]) : 0;
+        const auto row = load_chunk<scalar_t, kVec>(segment_weight + seg * dim + col);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) segment[k] = static_cast<acc>(row.v[k]);
+      }
+      Chunk<scalar_t, kVec> result;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        result.v[k] = static_cast<scalar_t>(static_cast<acc>(token.v[k]) * scale + position[k] + segment[k]);
+      }
+      store_chunk<scalar_t, kVec>(out + n * dim + col, result);
+    }
+  }
+}
+
+// Sparse values (grad * scale) and, per block of kTokensPerBlock tokens, the sum of grad rows per segment.
+template <typename scalar_t, typename index_t, int kVec>
+__global__ void __launch_bounds__(kThreads) values_and_segment_partials_kernel(
+    const scalar_t* __restrict__ grad, const index_t* __restrict__ segment_ids, scalar_t* __restrict__ values,
+    acc_t<scalar_t>* __restrict__ partials, int64_t tokens, int64_t dim, int num_segments, acc_t<scalar_t> scale) {
+  using acc = acc_t<scalar_t>;
+  const int64_t chunks = dim / kVec;
+  const int64_t chunk = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;  // x: token blocks (no 65535 limit)
+  if (chunk >= chunks) return;
+  const int64_t col = chunk * kVec;
+  acc sums[kMaxRegisterSegments][kVec] = {};
+  const int64_t first = blockIdx.x * kTokensPerBlock;
+  const int64_t last = min(tokens, first + kTokensPerBlock);
+  for (int64_t n = first; n < last; ++n) {
+    const auto row = load_chunk<scalar_t, kVec>(grad + n * dim + col);
+    if (values != nullptr) {
+      Chunk<scalar_t, kVec> scaled;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) scaled.v[k] = static_cast<scalar_t>(static_cast<acc>(row.v[k]) * scale);
+      store_chunk<scalar_t, kVec>(values + n * dim + col, scaled);
+    }
+    if (num_segments > 0) {
+      const int seg = segment_ids != nullptr ? static_cast<int>(segment_ids[n]) : 0;
+#pragma unroll
+      for (int s = 0; s < kMaxRegisterSegments; ++s) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) sums[s][k] += seg == s ? static_cast<acc>(row.v[k]) : acc(0);
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < kMaxRegisterSegments; ++s) {  // static indices keep sums in registers
+    if (s < num_segments) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) partials[(blockIdx.x * int64_t(num_segments) + s) * dim + col + k] = sums[s][k];
+    }
+  }
+}
+
+// out[i] = sum over blocks of partials[block][i], in block order.
+template <typename scalar_t>
+__global__ void sum_partials_kernel(const acc_t<scalar_t>* __restrict__ partials, scalar_t* __restrict__ out,
+                                    int64_t blocks, int64_t size) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= size) return;
+  acc_t<scalar_t> sum = 0;
+  for (int64_t b = 0; b < blocks; ++b) sum += partials[b * size + i];
+  out[i] = static_cast<scalar_t>(sum);
+}
+
+// keys sorted (stably) with their token order: each run of equal keys is summed by the thread group of its
+// first element, in token order; keys >= rows (dropped tokens) are skipped.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) sum_sorted_runs_kernel(
+    const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted_keys, const int64_t* __restrict__ order,
+    scalar_t* __restrict__ out, int64_t tokens, int64_t dim, int64_t rows, acc_t<scalar_t> scale) {
+  for (int64_t i = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; i < tokens; i += int64_t(gridDim.y) * blockDim.y) {
+    const int64_t key = sorted_keys[i];
+    if (key >= rows || (i > 0 && sorted_keys[i - 1] == key)) continue;
+    for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < dim; col += int64_t(gridDim.x) * blockDim.x) {
+      acc_t<scalar_t> sum = 0;
+      for (int64_t j = i; j < tokens && sorted_keys[j] == key; ++j) sum += static_cast<acc_t<scalar_t>>(grad[order[j] * dim + col]);
+      out[key * dim + col] = static_cast<scalar_t>(sum * scale);
+    }
+  }
+}
+
+bool capturing() { return at::cuda::currentStreamCaptureStatusMayInitCtx() != at::cuda::CaptureStatus::None; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// 16-byte chunks when every row start is 16-byte aligned, else one element per thread.
+template <typename scalar_t>
+int vector_width(int64_t dim, std::initializer_list<const void*> pointers) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  if (dim % kWide != 0) return 1;
+  for (const void* p : pointers) {
+    if (p != nullptr && !aligned16(p)) return 1;
+  }
+  return kWide;
+}
+
+dim3 row_grid(int64_t chunks, int64_t rows, dim3 block) {
+  const int64_t x = (chunks + block.x - 1) / block.x;
+  const int64_t y = std::min<int64_t>((rows + block.y - 1) / block.y, kMaxGridY);
+  return dim3(static_cast<unsigned>(std::max<int64_t>(x, 1)), static_cast<unsigned>(std::max<int64_t>(y, 1)));
+}
+
+dim3 row_block(int64_t chunks) {
+  const int x = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (chunks + 31) / 32 * 32)));
+  return dim3(x, kThreads / x);
+}
+
+template <typename index_t>
+const index_t* data_or_null(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<index_t>() : nullptr;
+}
+
+at::Tensor forward_cuda(const at::Tensor& input_ids, const at::Tensor& weight, const std::optional<at::Tensor>& position_ids,
+                        const std::optional<at::Tensor>& position_weight, const std::optional<at::Tensor>& token_type_ids,
+                        const std::optional<at::Tensor>& segment_weight, double scale, c10::string_view position,
+                        double sinusoid_base, int64_t max_positions, int64_t past_length, int64_t seq_len,
+                        int64_t padding_idx, bool sparse) {
+  const PositionMode mode = check_forward_args(input_ids, weight, position_ids, position_weight, token_type_ids,
+                                               segment_weight, position, past_length, seq_len);
+  const c10::cuda::CUDAGuard guard(weight.device());
+  if (!capturing()) {
+    check_index_range(input_ids, "input_ids", weight.size(0));
+    if (position_ids.has_value()) {
+      check_index_range(*position_ids, "position_ids",
+                        mode == PositionMode::kLearned ? position_weight->size(0) : max_positions);
+    }
+    if (token_type_ids.has_value()) check_index_range(*token_type_ids, "token_type_ids", segment_weight->size(0));
+  }
+  const int64_t tokens = input_ids.numel(), dim = weight.size(1);
+  at::Tensor out = at::empty({tokens, dim}, weight.options());
+  if (tokens == 0 || dim == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_forward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "embedfast_forward_cuda", [&] {
+      const scalar_t* pos_table = position_weight.has_value() ? position_weight->data_ptr<scalar_t>() : nullptr;
+      const scalar_t* seg_table = segment_weight.has_value() ? segment_weight->data_ptr<scalar_t>() : nullptr;
+      const int vec = vector_width<scalar_t>(dim, {weight.data_ptr(), out.data_ptr(), pos_table, seg_table});
+      auto launch = [&](auto vec_constant) {
+        constexpr int kVec = decltype(vec_constant)::value;
+        const dim3 block = row_block(dim / kVec);
+        forward_kernel<scalar_t, index_t, kVec><<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
+            input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), data_or_null<index_t>(position_ids), pos_table,
+            data_or_null<index_t>(token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim, weight.size(0),
+            static_cast<acc_t<scalar_t>>(scale), mode, std::log(sinusoid_base), past_length, seq_len);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (vec == 1) {
+        launch(std::integral_constant<int, 1>{});
+      } else {
+        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+      }
+    });
+  });
+  return out;
+}
+
+// scale * (sum of grad rows per key), rows with no key zero; keys >= rows are dropped.
+at::Tensor sum_rows_by_key(const at::Tensor& grad, const at::Tensor& keys, int64_t rows, double scale) {
+  at::Tensor out = at::zeros({rows, grad.size(1)}, grad.options());
+  const int64_t tokens = grad.size(0), dim = grad.size(1);
+  if (tokens == 0 || rows == 0 || dim == 0) return out;
+  const auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const dim3 block(std::min<int64_t>(128, (dim + 31) / 32 * 32), 2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedfast_sum_rows_by_key", [&] {
+    sum_sorted_runs_kernel<scalar_t><<<row_grid(dim, tokens, block), block, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad.data_ptr<scalar_t>(), sorted_keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
+        tokens, dim, rows, static_cast<acc_t<scalar_t>>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor positions_of(const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids, int64_t past_length,
+                        int64_t seq_len) {
+  if (position_ids.has_value()) return position_ids->to(at::kLong);
+  return at::arange(input_ids.numel(), input_ids.options().dtype(at::kLong)).remainder_(seq_len).add_(past_length);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids,
+    const std::optional<at::Tensor>& token_type_ids, c10::string_view token_grad, int64_t num_embeddings,
+    int64_t padding_idx, double scale, int64_t num_positions, int64_t num_segments, int64_t past_length,
+    int64_t seq_len) {
+  check_backward_args(grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, num_positions,
+                      num_segments, past_length, seq_len);
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const bool sparse = token_grad == "sparse", dense = token_grad == "dense";
+  if (!capturing()) {
+    if (dense) check_index_range(input_ids, "input_ids", num_embeddings);
+    if (num_positions > 0 && position_ids.has_value()) check_index_range(*position_ids, "position_ids", num_positions);
+    if (num_segments > 0 && token_type_ids.has_value()) check_index_range(*token_type_ids, "token_type_ids", num_segments);
+  }
+  const int64_t tokens = grad_out.size(0), dim = grad_out.size(1);
+  at::Tensor values = at::empty({sparse ? tokens : 0, dim}, grad_out.options());
+  at::Tensor weight_grad = values;
+  at::Tensor segment_grad = at::zeros({num_segments, dim}, grad_out.options());
+  const bool segments_in_registers = num_segments <= kMaxRegisterSegments;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  if (tokens > 0 && dim > 0 && (sparse || (num_segments > 0 && segments_in_registers))) {
+    AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_backward_cuda", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "embedfast_backward_cuda", [&] {
+        using acc = acc_t<scalar_t>;
+        const int64_t blocks = (tokens + kTokensPerBlock - 1) / kTokensPerBlock;
+        const int reduced_segments = segments_in_registers ? static_cast<int>(num_segments) : 0;
+        at::Tensor partials = at::empty({reduced_segments > 0 ? blocks : 0, reduced_segments, dim},
+                                        grad_out.options().dtype(c10::CppTypeToScalarType<acc>::value));
+        const int vec = vector_width<scalar_t>(dim, {grad_out.data_ptr(), values.data_ptr()});
+        auto launch = [&](auto vec_constant) {
+          constexpr int kVec = decltype(vec_constant)::value;
+          const int64_t chunks = dim / kVec;
+          const int threads = static_cast<int>(std::min<int64_t>(kThreads, (chunks + 31) / 32 * 32));
+          const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((chunks + threads - 1) / threads));
+          values_and_segment_partials_kernel<scalar_t, index_t, kVec><<<grid, threads, 0, stream>>>(
+              grad_out.data_ptr<scalar_t>(), data_or_null<index_t>(token_type_ids),
+              sparse ? values.data_ptr<scalar_t>() : nullptr, partials.data_ptr<acc>(), tokens, dim, reduced_segments,
+              static_cast<acc>(scale));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (vec == 1) {
+          launch(std::integral_constant<int, 1>{});
+        } else {
+          launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+        }
+        if (reduced_segments > 0) {
+          const int64_t size = num_segments * dim;
+          sum_partials_kernel<scalar_t><<<static_cast<unsigned>((size + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+              partials.data_ptr<acc>(), segment_grad.data_ptr<scalar_t>(), blocks, size);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      });
+    });
+  }
+  if (num_segments > 0 && !segments_in_registers) {
+    const at::Tensor keys = token_type_ids.has_value() ? token_type_ids->to(at::kLong)
+                                                       : at::zeros({tokens}, input_ids.options().dtype(at::kLong));
+    segment_grad = sum_rows_by_key(grad_out, keys, num_segments, 1.0);
+  }
+  if (dense) {
+    // padding tokens get key num_embeddings: sorted last and dropped
+    const at::Tensor ids = input_ids.to(at::kLong);
+    const at::Tensor keys = padding_idx >= 0 ? at::where(ids == padding_idx, num_embeddings, ids) : ids;
+    weight_grad = sum_rows_by_key(grad_out, keys, num_embeddings, scale);
+  } else if (!sparse) {
+    weight_grad = at::empty({0, dim}, grad_out.options());
+  }
+  at::Tensor position_grad = num_positions > 0
+                                 ? sum_rows_by_key(grad_out, positions_of(input_ids, position_ids, past_length, seq_len),
+                                                   num_positions, 1.0)
+                                 : at::empty({0, dim}, grad_out.options());
+  return {weight_grad, position_grad, segment_grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(embedfast, CUDA, m) {
+  m.impl("forward_extension", &forward_cuda);
+  m.impl("backward_extension", &backward_cuda);
+}
+
+}  // namespace embedfast

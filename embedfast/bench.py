@@ -1,0 +1,310 @@
+"""``python -m embedfast bench``: each backend against eager PyTorch, torch.compile and the physical floor.
+
+For every contender it prints the median time, the bytes the operator must move (counted explicitly),
+GB/s, the time relative to the floor (a bare gather of the same rows for forward, a bare scaled copy of
+``grad_out`` for backward) and the speed-up over eager PyTorch and over ``torch.compile``. Each contender
+is first checked against the float64 reference; one that disagrees is marked and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from .backends import available_backends
+from .module import FusedInputEmbedding
+from .positions import sinusoidal_positions
+from .reference import unfused_input_embedding
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# glibc's allocator returns big freed blocks to the OS, so every 50 MB output page-faults again; these keep
+# them (set for every contender alike: the launcher re-executes itself with them)
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+
+
+@dataclasses.dataclass
+class Problem:
+    device: str
+    dtype: torch.dtype
+    batch: int
+    seq_len: int
+    dim: int
+    vocab: int
+    segments: int
+    position: str
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def bytes_moved(self, direction: str) -> int:
+        """The least the fused operator must move: token rows in, output rows out, the ids."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        rows = 2 * self.tokens * self.dim * element
+        ids = self.tokens * 8 * (1 + (self.segments > 0))
+        tables = (self.segments + (self.seq_len if self.position == "learned" else 0)) * self.dim * element
+        return rows + ids + (tables if direction == "forward" else 2 * tables)
+
+
+@dataclasses.dataclass
+class Result:
+    contender: str
+    direction: str
+    median_ms: float | None
+    gbps: float | None
+    status: str = "ok"
+    times_floor: float | None = None
+    speedup_vs_eager: float | None = None
+    speedup_vs_compile: float | None = None
+
+
+class Contenders:
+    """Builds the callables of one problem: forward returns the output; backward runs autograd once."""
+
+    def __init__(self, problem: Problem, backends: list[str]):
+        p = problem
+        self.problem = p
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, p.vocab, (p.batch, p.seq_len), generator=generator).to(p.device)
+        self.types = torch.randint(0, max(p.segments, 1), (p.batch, p.seq_len), generator=generator).to(p.device) if p.segments else None
+        self.modules = {}
+        for name in backends:
+            module = FusedInputEmbedding(p.vocab, p.dim, num_segments=p.segments, position=p.position,
+                                         max_positions=p.seq_len if p.position == "learned" else None, backend=name,
+                                         device=p.device, dtype=p.dtype)
+            if self.modules:  # every contender shares the first module's tables
+                module.load_state_dict(next(iter(self.modules.values())).state_dict())
+            self.modules[name] = module
+        if not self.modules:
+            self.modules["reference"] = FusedInputEmbedding(
+                p.vocab, p.dim, num_segments=p.segments, position=p.position,
+                max_positions=p.seq_len if p.position == "learned" else None, backend="reference", device=p.device, dtype=p.dtype)
+        first = next(iter(self.modules.values()))
+        self.scale = first.embed_scale
+        self.weight, self.segment_weight, self.position_weight = first.weight, first.segment_weight, first.position_weight
+        self.position_table = None
+        if p.position == "sinusoidal":
+            self.position_table = sinusoidal_positions(p.seq_len, p.dim, dtype=p.dtype, device=p.device)
+        elif p.position == "learned":
+            self.position_table = self.position_weight
+        self.positions = torch.arange(p.seq_len, device=p.device).expand(p.batch, p.seq_len)
+        self.gather_out = torch.empty(p.tokens, p.dim, dtype=p.dtype, device=p.device)
+        self.grad_out = torch.randn(p.batch, p.seq_len, p.dim, generator=generator).to(p.device, p.dtype)
+        self.compiled = torch.compile(self.eager)
+
+    def eager(self, ids, types):
+        """The unfused PyTorch a user would write: nn.Embedding(sparse=True) lookups, scale, adds."""
+        return unfused_input_embedding(ids, self.weight, scale=self.scale, position_table=self.position_table,
+                                       position_ids=self.positions if self.position_table is not None else None,
+                                       segment_weight=self.segment_weight, token_type_ids=self.types, sparse=True)
+
+    def forward_fns(self) -> dict[str, Callable[[], torch.Tensor]]:
+        fns = {f"embedfast[{name}]": (lambda m=module: m(self.ids, self.types)) for name, module in self.modules.items()}
+        fns["eager"] = lambda: self.eager(self.ids, self.types)
+        fns["torch.compile"] = lambda: self.compiled(self.ids, self.types)
+        fns["floor"] = lambda: torch.index_select(self.weight.detach(), 0, self.ids.view(-1), out=self.gather_out)
+        return fns
+
+    def backward_fn(self, name: str, forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        if name == "floor":
+            grad = self.grad_out.view(-1, self.problem.dim)
+            return lambda: torch.mul(grad, self.scale, out=self.gather_out)
+        out = forward()
+        params = [t for t in (self.weight, self.segment_weight, self.position_weight) if t is not None]
+        if name.startswith("embedfast["):
+            module = self.modules[name[len("embedfast["):-1]]
+            params = [t for t in (module.weight, module.segment_weight, module.position_weight) if t is not None]
+        return lambda: torch.autograd.grad(out, params, self.grad_out, retain_graph=True)
+
+    def truth(self) -> torch.Tensor:
+        table = None if self.position_table is None else (
+            sinusoidal_positions(self.problem.seq_len, self.problem.dim, dtype=torch.float64, device=self.problem.device)
+            if self.problem.position == "sinusoidal" else self.position_table.double())
+        return unfused_input_embedding(
+            self.ids, self.weight.double(), scale=self.scale, position_table=table,
+            position_ids=self.positions if table is not None else None,
+            segment_weight=None if self.segment_weight is None else self.segment_weight.double(), token_type_ids=self.types)
+
+
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn`` in ms: CUDA events on CUDA, a monotonic clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples)
+
+
+def run(problem: Problem, backends: list[str], directions: list[str], warmup: int, repeats: int,
+        progress: Callable[[str], None]) -> list[Result]:
+    contenders = Contenders(problem, backends)
+    with torch.no_grad():
+        expected = contenders.truth()
+    tol = TOLERANCE[problem.dtype]
+    results = []
+    forward_fns = contenders.forward_fns()
+    for direction in directions:
+        nbytes = problem.bytes_moved(direction)
+        for name, forward in forward_fns.items():
+            progress(f"{direction:8s} {name}")
+            if name != "floor":
+                with torch.no_grad():
+                    error = float((forward().double() - expected).abs().max())
+                if error > tol * float(expected.abs().max()):
+                    results.append(Result(name, direction, None, None, status=f"MISMATCH (max error {error:.3g})"))
+                    continue
+            fn = forward if direction == "forward" else contenders.backward_fn(name, forward)
+            if direction == "forward" and name != "floor":
+                fn = _no_grad(fn)
+            ms = time_ms(fn, problem.device, warmup, repeats)
+            results.append(Result(name, direction, ms, nbytes / ms / 1e6))
+    _add_ratios(results)
+    return results
+
+
+def _no_grad(fn):
+    def call():
+        with torch.no_grad():
+            return fn()
+    return call
+
+
+def _add_ratios(results: list[Result]) -> None:
+    for direction in {r.direction for r in results}:
+        rows = {r.contender: r for r in results if r.direction == direction}
+        for row in rows.values():
+            if row.median_ms is None:
+                continue
+            for attr, base in (("times_floor", "floor"), ("speedup_vs_eager", "eager"), ("speedup_vs_compile", "torch.compile")):
+                other = rows.get(base)
+                if other is not None and other.median_ms:
+                    value = row.median_ms / other.median_ms if attr == "times_floor" else other.median_ms / row.median_ms
+                    setattr(row, attr, value)
+
+
+def format_table(problem: Problem, results: list[Result]) -> str:
+    header = f"{'direction':9s} {'contender':22s} {'median ms':>10s} {'MB moved':>9s} {'GB/s':>7s} {'x floor':>8s} {'vs eager':>9s} {'vs compile':>11s}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        if r.median_ms is None:
+            lines.append(f"{r.direction:9s} {r.contender:22s} {r.status}")
+            continue
+        fmt = lambda v, suffix="x": f"{v:.2f}{suffix}" if v is not None else "-"  # noqa: E731
+        lines.append(f"{r.direction:9s} {r.contender:22s} {r.median_ms:10.3f} {problem.bytes_moved(r.direction) / 1e6:9.1f} "
+                     f"{r.gbps:7.1f} {fmt(r.times_floor):>8s} {fmt(r.speedup_vs_eager):>9s} {fmt(r.speedup_vs_compile):>11s}")
+    return "\n".join(lines)
+
+
+def machine_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m embedfast bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--segments", type=int, default=2)
+    parser.add_argument("--position", choices=["sinusoidal", "learned", "none"], default="sinusoidal")
+    parser.add_argument("--backends", nargs="+", help="embedfast backends to time (default: every available one)")
+    parser.add_argument("--direction", choices=["forward", "backward", "both"], default="both")
+    parser.add_argument("--sweep", choices=["tokens", "dim"], help="time each contender over growing work")
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG (needs matplotlib)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 8: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def _reexec_with_allocator_settings(argv: list[str]) -> None:
+    """On glibc, run again with MALLOC_TUNABLES so freed outputs are reused, not re-faulted."""
+    if platform.libc_ver()[0] != "glibc" or MALLOC_TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), MALLOC_TUNABLES])))
+    os.execve(sys.executable, [sys.executable, "-m", "embedfast", "bench", *argv], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["bench"]:
+        print("usage: python -m embedfast bench [options]   (--help for the options)", file=sys.stderr)
+        return 2
+    args = parse_args(argv[1:])
+    if not args.device.startswith("cuda"):
+        _reexec_with_allocator_settings(argv[1:])
+    if args.quick:
+        args.batch = min(args.batch, 8)
+    repeats = args.repeats or (5 if args.quick else 20)
+    warmup = 2 if args.quick else 3
+    directions = ["forward", "backward"] if args.direction == "both" else [args.direction]
+    backends = args.backends or available_backends(args.device)
+    missing = [b for b in backends if b not in available_backends(args.device)]
+    if missing:
+        print(f"not available on {args.device}: {missing}; available: {available_backends(args.device)}", file=sys.stderr)
+        return 2
+
+    def progress(text: str) -> None:
+        print(f"\r  timing {text:<60s}", end="", file=sys.stderr, flush=True)
+
+    allocator = "glibc malloc tunables " + os.environ.get("GLIBC_TUNABLES", "(none)") if not args.device.startswith("cuda") else "PyTorch CUDA caching allocator"
+    print(f"embedfast bench on {machine_description(args.device)}; torch {torch.__version__}; allocator: {allocator}")
+    report = {"machine": machine_description(args.device), "torch": torch.__version__, "allocator": allocator, "runs": []}
+    for dtype_name in args.dtype:
+        points = _sweep_points(args) if args.sweep else [(args.batch, args.dim)]
+        for batch, dim in points:
+            problem = Problem(args.device, DTYPES[dtype_name], batch, args.seq_len, dim, args.vocab, args.segments, args.position)
+            results = run(problem, backends, directions, warmup, repeats, progress)
+            print("\r" + " " * 72 + "\r", end="", file=sys.stderr)
+            print(f"\n{dtype_name}: batch {batch} x seq {args.seq_len} tokens, dim {dim}, vocab {args.vocab}, "
+                  f"{args.segments} segments, {args.position} positions; median of {repeats} runs")
+            print(format_table(problem, results))
+            report["runs"].append({"problem": {**dataclasses.asdict(problem), "dtype": dtype_name},
+                                   "results": [dataclasses.asdict(r) for r in results]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.plot:
+        from .bench_plot import plot
+
+        plot(report, args.plot, sweep=args.sweep)
+    return 0
+
+
+def _sweep_points(args: argparse.Namespace) -> list[tuple[int, int]]:
+    if args.sweep == "tokens":
+        return [(b, args.dim) for b in (1, 2, 4, 8, 16, 32) if b <= max(args.batch, 1)]
+    return [(args.batch, d) for d in (64, 128, 256, 512, 768, 1024) if d <= max(args.dim, 64)]
