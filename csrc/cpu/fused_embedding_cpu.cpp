@@ -97,7 +97,8 @@ inline int64_t position_of(const index_t* position_ids, int64_t token, int64_t p
 
 std::vector<SinusoidColumn> sinusoid_columns(int64_t dim, PositionMode layout, double log_base) {
   std::vector<SinusoidColumn> columns(dim);
-  for (int64_t j = 0; j < dim; ++j) columns[j] = sinusoid_column(j, dim, layout, log_base);
+  const double log_step = sinusoid_log_step(dim, layout, log_base);
+  for (int64_t j = 0; j < dim; ++j) columns[j] = sinusoid_column(j, dim, layout, log_step);
   return columns;
 }
 

@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const index_t* __restrict__ position_ids,
     const scalar_t* __restrict__ position_weight, const index_t* __restrict__ segment_ids,
     const scalar_t* __restrict__ segment_weight, scalar_t* __restrict__ out, int64_t tokens, int64_t dim,
-    int64_t num_embeddings, acc_t<scalar_t> scale, PositionMode mode, double log_base, int64_t past_length,
+    int64_t num_embeddings, acc_t<scalar_t> scale, PositionMode mode, double log_step, int64_t past_length,
     int64_t seq_len) {
   using acc = acc_t<scalar_t>;
   const int64_t chunks = dim / kVec;
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     SinusoidColumn columns[kVec];
     if (sinusoid) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) columns[k] = sinusoid_column(col + k, dim, mode, log_base);
+      for (int k = 0; k < kVec; ++k) columns[k] = sinusoid_column(col + k, dim, mode, log_step);
     }
     for (int64_t n = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; n < tokens; n += int64_t(gridDim.y) * blockDim.y) {
       const int64_t id = static_cast<int64_t>(ids[n]);
@@ -243,7 +243,8 @@ at::Tensor forward_cuda(const at::Tensor& input_ids, const at::Tensor& weight, c
         forward_kernel<scalar_t, index_t, kVec><<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
             input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), data_or_null<index_t>(position_ids), pos_table,
             data_or_null<index_t>(token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim, weight.size(0),
-            static_cast<acc_t<scalar_t>>(scale), mode, std::log(sinusoid_base), past_length, seq_len);
+            static_cast<acc_t<scalar_t>>(scale), mode,
+            sinusoid_log_step(dim, mode, std::log(sinusoid_base)), past_length, seq_len);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (vec == 1) {

@@ -17,21 +17,26 @@ struct SinusoidColumn {
   float keep;
 };
 
-C10_HOST_DEVICE inline SinusoidColumn sinusoid_column(int64_t col, int64_t dim, PositionMode layout, double log_base) {
-  constexpr double kHalfPi = 1.57079632679489661923;
+// ln(1 / frequency) grows by this much per frequency index i (computed once on the host: no division on the device).
+C10_HOST_DEVICE inline double sinusoid_log_step(int64_t dim, PositionMode layout, double log_base) {
   if (layout == PositionMode::kInterleaved) {
-    // Vaswani et al.: w_i = base^(-2i/d); even columns sin, odd columns cos
-    return {::exp(-2.0 * static_cast<double>(col / 2) * log_base / static_cast<double>(dim)), (col % 2) ? kHalfPi : 0.0,
-            1.0f};
+    return 2.0 * log_base / static_cast<double>(dim);  // Vaswani et al.: w_i = base^(-2i/d)
   }
-  // tensor2tensor / fairseq: w_i = exp(-i ln(base) / (h - 1)); [sin | cos | 0 when d is odd]
-  const int64_t half = dim / 2;
+  const int64_t half = dim / 2;  // tensor2tensor / fairseq: w_i = exp(-i ln(base) / (h - 1))
+  return log_base / static_cast<double>(half > 1 ? half - 1 : 1);
+}
+
+C10_HOST_DEVICE inline SinusoidColumn sinusoid_column(int64_t col, int64_t dim, PositionMode layout, double log_step) {
+  constexpr double kHalfPi = 1.57079632679489661923;
+  if (layout == PositionMode::kInterleaved) {  // even columns sin, odd columns cos
+    return {::exp(-static_cast<double>(col >> 1) * log_step), (col & 1) ? kHalfPi : 0.0, 1.0f};
+  }
+  const int64_t half = dim / 2;  // [sin | cos | 0 when d is odd]
   if (col >= 2 * half) {
     return {0.0, 0.0, 0.0f};
   }
   const int64_t i = col < half ? col : col - half;
-  const double step = log_base / static_cast<double>(half > 1 ? half - 1 : 1);
-  return {::exp(-static_cast<double>(i) * step), col < half ? 0.0 : kHalfPi, 1.0f};
+  return {::exp(-static_cast<double>(i) * log_step), col < half ? 0.0 : kHalfPi, 1.0f};
 }
 
 // pos * freq + phase reduced to [-pi, pi] in double: the float sine of it stays accurate to fp32 for large
