@@ -18,20 +18,29 @@ def sinusoid_values(positions: torch.Tensor, dim: int, layout: str = "interleave
     ``[0, h)`` are ``sin(p*w_i)``, columns ``[h, 2h)`` are ``cos(p*w_i)``, and the last column is
     zero when ``dim`` is odd. For ``h == 1`` the single frequency is 1 (fairseq divides by zero).
     """
+    frequency, is_cos = sinusoid_frequencies(dim, layout, base, positions.device)
+    angle = positions.to(torch.float64).unsqueeze(-1) * frequency
+    return torch.where(is_cos, torch.cos(angle), torch.sin(angle))
+
+
+def sinusoid_frequencies(
+    dim: int, layout: str = "interleaved", base: float = 10000.0, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column: the angular frequency (float64) and whether the column is a cosine.
+
+    Column ``j`` of the encoding is ``sin(p * frequency[j])`` or ``cos(p * frequency[j])``; the zero
+    column of an odd ``concat`` has frequency 0 and is a sine, so it is exactly 0.
+    """
     if layout not in SINUSOID_LAYOUTS:
         raise ValueError(f"sinusoid_layout must be one of {SINUSOID_LAYOUTS}, got {layout!r}")
-    p = positions.to(torch.float64).unsqueeze(-1)
-    cols = torch.arange(dim, dtype=torch.float64, device=positions.device)
+    cols = torch.arange(dim, dtype=torch.float64, device=device)
     if layout == "interleaved":
-        freq = base ** (-2.0 * torch.div(cols, 2, rounding_mode="floor") / dim)
-        angle = p * freq
-        return torch.where(cols % 2 == 0, torch.sin(angle), torch.cos(angle))
+        return base ** (-2.0 * torch.div(cols, 2, rounding_mode="floor") / dim), cols % 2 == 1
     half = dim // 2
     i = torch.where(cols < half, cols, cols - half)
-    freq = torch.exp(-i * math.log(base) / max(half - 1, 1))
-    angle = p * freq
-    values = torch.where(cols < half, torch.sin(angle), torch.cos(angle))
-    return torch.where(cols < 2 * half, values, torch.zeros_like(values))
+    frequency = torch.exp(-i * math.log(base) / max(half - 1, 1))
+    in_table = cols < 2 * half
+    return torch.where(in_table, frequency, torch.zeros_like(frequency)), in_table & (cols >= half)
 
 
 def sinusoidal_positions(
