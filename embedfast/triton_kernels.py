@@ -22,6 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
@@ -38,15 +39,15 @@ MAX_REGISTER_SEGMENTS = 16
 def launch_config(dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """``(BLOCK_T, BLOCK_D, num_warps)`` for a table of ``dim`` columns of ``dtype``.
 
-    A tile holds ~4096 elements: 32 per thread with 4 warps, i.e. eight 16-byte loads in flight
-    per thread for fp32 (four for 16-bit types), enough to cover DRAM latency on A100/H100. Columns
-    come in blocks of at most 256 so that ``dim`` 768 (BERT-base) splits into three full blocks
-    instead of one 1024-wide block that is a quarter masked. The interpreter also prefers few,
-    large programs.
+    A tile holds ~4096 elements: 16 per thread with 8 warps, i.e. four 16-byte loads in flight per
+    thread for fp32 (two for 16-bit types) at <= 86 registers (the sinusoid needs float64 angle
+    math; 4 warps would take ~160 registers). Columns come in blocks of at most 256 so that ``dim``
+    768 (BERT-base) splits into three full blocks instead of one 1024-wide block that is a quarter
+    masked. The interpreter also prefers few, large programs.
     """
     del dtype  # one tile size serves every storage type: 16-bit tiles just issue half the bytes
     block_d = min(triton.next_power_of_2(max(dim, 1)), 256)
-    return max(4096 // block_d, 1), block_d, 4
+    return max(4096 // block_d, 1), block_d, 8
 
 
 @triton.jit
@@ -61,6 +62,21 @@ def _storage_value(x, ptr):
         return tl.where(x == x, rounded, x.to(tl.bfloat16))  # NaN stays NaN (the carry could clear it)
     else:
         return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _sin_of_turns(turns):
+    """``sin(2 pi t)`` for float64 ``t`` in [-1/2, 1/2], in float32: quadrant and angle in float64,
+    then Cephes' minimax polynomials on [-pi/4, pi/4]. ``tl.sin`` would call libdevice's ``sinf``,
+    whose slow path for huge arguments keeps a stack frame (32-40 bytes); this argument is small."""
+    quadrant = (turns * 4 + 2.5).to(tl.int32) - 2  # round(4 t), in [-2, 2]
+    two_pi = tl.full((), 6.283185307179586, tl.float64)  # a bare float literal would be a float32 constant
+    x = ((turns - quadrant.to(tl.float64) * 0.25) * two_pi).to(tl.float32)  # in [-pi/4, pi/4]
+    x2 = x * x
+    sine = x + x * x2 * (-1.6666654611e-1 + x2 * (8.3321608736e-3 + x2 * -1.9515295891e-4))
+    cosine = 1 - 0.5 * x2 + x2 * x2 * (4.166664568298827e-2 + x2 * (-1.388731625493765e-3 + x2 * 2.443315711809948e-5))
+    value = tl.where((quadrant & 1) == 1, cosine, sine)  # sin(x + q pi/2)
+    return tl.where((quadrant & 2) == 2, -value, value)
 
 
 @triton.jit
@@ -95,7 +111,10 @@ def _forward_kernel(
             phase = tl.load(phase_ptr + cols, mask=col_mask, other=0)
             turns = positions.to(tl.float64)[:, None] * turns_per_position[None, :] + phase[None, :]
             turns -= (turns + 0.5).to(tl.int64).to(tl.float64)  # turns >= 0: truncation rounds
-            acc += tl.sin(turns.to(math_type) * 6.283185307179586)
+            if FP64:
+                acc += tl.sin(turns * tl.full((), 6.283185307179586, tl.float64))
+            else:
+                acc += _sin_of_turns(turns)
     if HAS_SEGMENTS:
         if HAS_TOKEN_TYPES:
             segments = tl.load(token_types_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
@@ -195,7 +214,7 @@ def _sinusoid_turns(dim: int, layout: str, base: float, device: torch.device) ->
 def _operator(kind: str, schema: str):
     """``triton_op`` for compiled kernels. Under the interpreter ``wrap_triton`` hands the kernels back
     unwrapped and compile could not trace them, so there the op is an opaque ``custom_op`` instead."""
-    if isinstance(_forward_kernel, triton.runtime.interpreter.InterpretedFunction):
+    if isinstance(_forward_kernel, InterpretedFunction):
         return torch.library.custom_op(ops.op_name(kind, "triton"), mutates_args=(), schema=schema)
     return triton_op(ops.op_name(kind, "triton"), mutates_args=(), schema=schema)
 
@@ -263,7 +282,8 @@ def _sorted_sum(grad: torch.Tensor, keys: torch.Tensor, num_rows: int, scale: fl
     starts_run[1:] = sorted_keys[1:] != sorted_keys[:-1]
     index = torch.arange(num_tokens, device=grad.device)
     run_end = torch.where(starts_run & (sorted_keys != skip_key), run_end, index)
-    _, block_d, num_warps = launch_config(dim, grad.dtype)
+    _, block_d, _ = launch_config(dim, grad.dtype)
+    num_warps = max(block_d // 128, 1)  # one row per program: 4 columns per thread
     wrap_triton(_sorted_sum_kernel)[(num_tokens, triton.cdiv(dim, block_d))](
         grad, order, sorted_keys, run_end, out, dim, scale, FP64=grad.dtype == torch.float64, BLOCK_D=block_d,
         num_warps=num_warps)

@@ -16,6 +16,7 @@ CASES = {
     "explicit-positions-learned": Case(shape=(2, 5), position="learned", max_positions=40, explicit_positions=True),
     "no-position-no-scale": Case(position="none", scale=None, padding_idx=3, ids_dtype=torch.int32),
     "default-token-types": Case(segments=2, explicit_token_types=False, scale=0.5),
+    "many-segments": Case(shape=(3, 7), segments=20, padding_idx=4),
     "dense-grad": Case(shape=(4, 8), position="learned", max_positions=8, segments=2, padding_idx=1, sparse=False),
     "noncontiguous": Case(shape=(3, 4), segments=2, noncontiguous=True),
     "empty": Case(shape=(0,), segments=2),
