@@ -2,9 +2,13 @@
 
 from . import ops as _ops  # noqa: F401  (registers the operators)
 from .backends import available_backends
+from .drop_in import PatchReport, from_modules, patch_model
 from .functional import fused_input_embedding
 from .module import FusedInputEmbedding
 from .positions import sinusoidal_positions
 
-__all__ = ["FusedInputEmbedding", "available_backends", "fused_input_embedding", "sinusoidal_positions"]
+__all__ = [
+    "FusedInputEmbedding", "PatchReport", "available_backends", "from_modules", "fused_input_embedding", "patch_model",
+    "sinusoidal_positions",
+]
 __version__ = "0.1.0"

@@ -60,3 +60,10 @@ def sinusoidal_positions(
 def default_position_ids(num_tokens: int, seq_len: int, past_length: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Positions of a flattened ``(..., seq_len)`` batch: ``past_length + (n % seq_len)`` for token ``n``."""
     return past_length + torch.arange(num_tokens, dtype=torch.int64, device=device) % max(seq_len, 1)
+
+
+def padding_aware_position_ids(input_ids: torch.Tensor, padding_idx: int, past_length: int = 0) -> torch.Tensor:
+    """fairseq / RoBERTa positions: non-padding tokens count from ``padding_idx + 1 + past_length``
+    along the last dim, padding tokens keep ``padding_idx`` (``fairseq.utils.make_positions``)."""
+    mask = input_ids.ne(padding_idx).to(torch.int64)
+    return (torch.cumsum(mask, dim=-1) + past_length) * mask + padding_idx

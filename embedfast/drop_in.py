@@ -1,0 +1,232 @@
+"""Drop-in use in existing models: ``from_modules`` and ``patch_model``.
+
+``patch_model`` changes recognised embedding blocks in place by giving each instance a subclass of
+its own class whose ``forward`` runs the fused operator. Parameters, buffers, submodules,
+``state_dict`` keys, weight tying and the forward signature stay as they were; only the arithmetic
+of the lookup-and-add moves into one kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .functional import fused_input_embedding
+from .module import FusedInputEmbedding
+from .positions import padding_aware_position_ids
+
+
+def from_modules(
+    word_embeddings: nn.Embedding,
+    position_embeddings: nn.Embedding | None = None,
+    token_type_embeddings: nn.Embedding | None = None,
+    *,
+    scale: str | float | None = None,
+    position: str | None = None,
+    max_positions: int | None = None,
+    sinusoid_layout: str = "interleaved",
+    sinusoid_base: float = 10000.0,
+    sparse: bool | None = None,
+    backend: str = "auto",
+) -> FusedInputEmbedding:
+    """A ``FusedInputEmbedding`` that shares (does not copy) the parameters of existing ``nn.Embedding``s.
+
+    ``weight`` is ``word_embeddings.weight`` itself, so a tied output projection stays tied; likewise
+    ``position_weight`` and ``segment_weight``. ``position`` defaults to ``"learned"`` when
+    ``position_embeddings`` is given, else ``"none"``; ``sparse`` and ``padding_idx`` default to the
+    word embedding's. ``scale`` defaults to None (Hugging Face models do not scale).
+    """
+    _check_embedding("word_embeddings", word_embeddings)
+    if position is None:
+        position = "learned" if position_embeddings is not None else "none"
+    if position_embeddings is not None:
+        if position != "learned":
+            raise ValueError(f"position_embeddings were given, but position={position!r}")
+        _check_embedding("position_embeddings", position_embeddings, word_embeddings)
+        if position_embeddings.padding_idx is not None:
+            raise ValueError("position_embeddings.padding_idx is not supported here (its row would get a gradient); "
+                             "patch_model handles RoBERTa-style embeddings")
+        max_positions = position_embeddings.num_embeddings
+    if token_type_embeddings is not None:
+        _check_embedding("token_type_embeddings", token_type_embeddings, word_embeddings)
+    weight = word_embeddings.weight
+    fused = FusedInputEmbedding(
+        word_embeddings.num_embeddings, word_embeddings.embedding_dim, padding_idx=word_embeddings.padding_idx,
+        num_segments=token_type_embeddings.num_embeddings if token_type_embeddings is not None else 0,
+        position=position, max_positions=max_positions, sinusoid_layout=sinusoid_layout, sinusoid_base=sinusoid_base,
+        scale=scale, sparse=word_embeddings.sparse if sparse is None else sparse, backend=backend,
+        device="meta", dtype=weight.dtype)
+    fused.weight = weight
+    if position_embeddings is not None:
+        fused.position_weight = position_embeddings.weight
+    if token_type_embeddings is not None:
+        fused.segment_weight = token_type_embeddings.weight
+    return fused
+
+
+def _check_embedding(name: str, module: nn.Embedding, like: nn.Embedding | None = None) -> None:
+    if not isinstance(module, nn.Embedding):
+        raise TypeError(f"{name} must be an nn.Embedding, got {type(module).__name__}")
+    if module.max_norm is not None or module.scale_grad_by_freq:
+        raise ValueError(f"{name} uses max_norm or scale_grad_by_freq, which the fused operator does not support")
+    if like is not None and module.embedding_dim != like.embedding_dim:
+        raise ValueError(f"{name} has embedding_dim {module.embedding_dim}, but word_embeddings has {like.embedding_dim}")
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What ``patch_model`` replaced: one line per embedding block, or why nothing was."""
+
+    replaced: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.replaced)
+
+    def __str__(self) -> str:
+        lines = [f"fused: {line}" for line in self.replaced] + [f"left as is: {line}" for line in self.skipped]
+        if not self.replaced:
+            lines.append("no supported embedding block was found; the model is unchanged (supported: BERT/RoBERTa-style "
+                         "*Embeddings with word, position and token-type tables, and GPT-2-style wte + wpe)")
+        return "\n".join(lines)
+
+
+def patch_model(model: nn.Module, *, sparse: bool | None = None, backend: str = "auto") -> PatchReport:
+    """Fuse the embedding blocks of a Hugging Face model in place and report what changed.
+
+    Recognised: BERT/RoBERTa-style ``*Embeddings`` modules (word + learned position + token type,
+    followed by their own LayerNorm and dropout, which stay as they are; RoBERTa's padding-aware
+    positions included) and GPT-2-style models (``wte`` + ``wpe``). Calls with ``inputs_embeds``
+    run the original code. ``sparse=True`` switches the word tables to sparse gradients (train
+    them with ``torch.optim.SparseAdam``); None keeps each table's own setting. A model with
+    nothing recognised is left untouched and the report (also a warning) says so.
+    """
+    report = PatchReport()
+    for name, module in model.named_modules():
+        label = f"{name or type(model).__name__} ({type(module).__name__})"
+        if isinstance(module, (_FusedBertStyleEmbeddings, _FusedGPT2Style)):
+            report.skipped.append(f"{label}: already fused")
+            continue
+        kind = _bert_style(module) or _gpt2_style(module)
+        if kind is None:
+            continue
+        if isinstance(kind, str) and kind.startswith("unsupported"):
+            report.skipped.append(f"{label}: {kind}")
+            continue
+        mixin, word, description = kind
+        if sparse is not None:
+            word.sparse = sparse
+        module.__class__ = type(f"Fused{type(module).__name__}", (mixin, type(module)), {})
+        module.embedfast_backend = backend
+        if mixin is _FusedGPT2Style:
+            module.wpe.__class__ = _PositionsAddedUpstream
+        report.replaced.append(f"{label}: {description}")
+    if not report.replaced:
+        warnings.warn(f"embedfast.patch_model: {report}", stacklevel=2)
+    return report
+
+
+_BERT_ARGUMENTS = {"input_ids", "token_type_ids", "position_ids", "inputs_embeds", "past_key_values_length"}
+_GPT2_ARGUMENTS = {"input_ids", "past_key_values", "position_ids", "inputs_embeds"}
+
+
+def _accepts(module: nn.Module, names: set[str]) -> bool:
+    return names <= set(inspect.signature(module.forward).parameters)
+
+
+def _bert_style(module: nn.Module):
+    tables = [getattr(module, name, None) for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    if not all(isinstance(t, nn.Embedding) for t in tables) or not hasattr(module, "LayerNorm") or not hasattr(module, "dropout"):
+        return None
+    if not _accepts(module, _BERT_ARGUMENTS):
+        return "unsupported forward signature"
+    if getattr(module, "position_embedding_type", "absolute") != "absolute":
+        return f"unsupported position_embedding_type {module.position_embedding_type!r}"
+    if any(t.max_norm is not None or t.scale_grad_by_freq for t in tables):
+        return "unsupported: max_norm or scale_grad_by_freq"
+    roberta = tables[1].padding_idx is not None
+    return _FusedBertStyleEmbeddings, tables[0], "padding-aware learned positions (RoBERTa)" if roberta else "learned positions"
+
+
+def _gpt2_style(module: nn.Module):
+    tables = [getattr(module, name, None) for name in ("wte", "wpe")]
+    if not all(isinstance(t, nn.Embedding) for t in tables):
+        return None
+    if not _accepts(module, _GPT2_ARGUMENTS):
+        return "unsupported forward signature"
+    if any(t.max_norm is not None or t.scale_grad_by_freq or t.padding_idx is not None for t in tables):
+        return "unsupported: max_norm, scale_grad_by_freq or padding_idx"
+    return _FusedGPT2Style, tables[0], "wte + wpe"
+
+
+class _NoGradRow(torch.autograd.Function):
+    """Identity whose gradient has one row zeroed: ``nn.Embedding(padding_idx=row)`` for a table."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, row: int) -> torch.Tensor:
+        ctx.row = row
+        return table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0), None
+
+
+class _FusedBertStyleEmbeddings:
+    """Mixed in front of a BERT/RoBERTa-style ``*Embeddings`` class by ``patch_model``."""
+
+    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                past_key_values_length=0):
+        if input_ids is None:
+            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, past_key_values_length)
+        position_weight = self.position_embeddings.weight
+        position_padding = self.position_embeddings.padding_idx
+        if position_padding is not None:  # RoBERTa: pads sit at position padding_idx, whose row gets no gradient
+            if position_ids is None:
+                position_ids = padding_aware_position_ids(input_ids, position_padding, past_key_values_length)
+            position_weight = _NoGradRow.apply(position_weight, position_padding)
+        word = self.word_embeddings
+        embeddings = fused_input_embedding(
+            input_ids, word.weight, token_type_ids=token_type_ids, segment_weight=self.token_type_embeddings.weight,
+            position_ids=position_ids, position_weight=position_weight, position="learned", scale=None,
+            padding_idx=word.padding_idx, sparse=word.sparse, past_length=past_key_values_length,
+            backend=self.embedfast_backend)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class _PositionsAddedUpstream(nn.Embedding):
+    """GPT-2's ``wpe`` after patching: same table, but the fused embedding already added it."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.new_zeros(())
+
+
+class _FusedGPT2Style:
+    """Mixed in front of a GPT-2-style model class by ``patch_model``: ``wte(ids) + wpe(positions)``
+    fused and handed to the original forward as ``inputs_embeds``; the original then adds ``wpe``'s
+    zero (one elementwise pass) and, if given, the token-type rows."""
+
+    def forward(self, *args, **kwargs):
+        signature = inspect.signature(super().forward)
+        call = signature.bind(*args, **kwargs).arguments
+        input_ids, inputs_embeds = call.get("input_ids"), call.get("inputs_embeds")
+        cache, positions = call.get("past_key_values"), call.get("position_ids")
+        past = cache.get_seq_length() if cache is not None else 0
+        if input_ids is not None and inputs_embeds is None:
+            call["inputs_embeds"] = fused_input_embedding(
+                input_ids, self.wte.weight, position_ids=positions, position_weight=self.wpe.weight, position="learned",
+                scale=None, sparse=self.wte.sparse, past_length=past, backend=self.embedfast_backend)
+            call["input_ids"] = None
+        elif inputs_embeds is not None:
+            if positions is None:
+                positions = past + torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
+            call["inputs_embeds"] = inputs_embeds + F.embedding(positions, self.wpe.weight)
+        for parameter in signature.parameters.values():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                call.update(call.pop(parameter.name, {}))
+        return super().forward(**call)
