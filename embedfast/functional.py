@@ -33,6 +33,7 @@ def fused_input_embedding(
     padding_idx: int | None = None,
     sparse: bool = True,
     past_length: int = 0,
+    check_bounds: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``weight[input_ids] * scale + P[position_ids] + segment_weight[token_type_ids]`` in one pass.
@@ -54,6 +55,11 @@ def fused_input_embedding(
         padding_idx: as in ``nn.Embedding``: that row gets no gradient.
         sparse: the token table's gradient is a sparse COO tensor (as ``nn.Embedding(sparse=True)``).
         past_length: offset of the default positions (KV-cache decoding).
+        check_bounds: how out-of-range ids are caught on CUDA. True: read back before launch and
+            reported as an ``IndexError`` naming the value (one host synchronization). False: a
+            device-side assertion (no synchronization; needed under CUDA-graph capture, where it is
+            also what True falls back to); a bad id then stops the stream with a CUDA error. Ids are
+            always checked: never an out-of-bounds read. On CPU the exact check is always made.
         backend: ``"auto"``, ``"extension"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -89,7 +95,7 @@ def fused_input_embedding(
     weight, position_weight, segment_weight = (None if t is None else t.contiguous() for t in (weight, position_weight, segment_weight))
     op = forward_op(resolve_backend(backend, weight.device))
     out = op(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, embed_scale,
-             mode, float(sinusoid_base), bound, past_length, seq_len, padding, bool(sparse))
+             mode, float(sinusoid_base), bound, past_length, seq_len, padding, bool(sparse), bool(check_bounds))
     return out.view(*shape, dim)
 
 

@@ -28,6 +28,9 @@ class FusedInputEmbedding(nn.Module):
         sinusoid_base: the sinusoid wavelength base.
         scale: ``"sqrt"`` for ``sqrt(embedding_dim)``, a float, or None for no scaling.
         sparse: ``weight.grad`` is a sparse COO tensor, as with ``nn.Embedding(sparse=True)``.
+        check_bounds: True (default): out-of-range ids raise ``IndexError`` (on CUDA after a host
+            synchronization); False: a device-side assertion instead, for CUDA-graph capture (see
+            ``fused_input_embedding``). An attribute: switch it on a built module.
         backend: ``"auto"``, ``"extension"``, ``"triton"`` or ``"reference"``.
     """
 
@@ -44,6 +47,7 @@ class FusedInputEmbedding(nn.Module):
         sinusoid_base: float = 10000.0,
         scale: str | float | None = "sqrt",
         sparse: bool = True,
+        check_bounds: bool = True,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -75,6 +79,7 @@ class FusedInputEmbedding(nn.Module):
         self.scale = scale
         self.embed_scale = resolve_scale(scale, embedding_dim)
         self.sparse = sparse
+        self.check_bounds = check_bounds
         self.backend = backend
 
         factory = {"device": device, "dtype": dtype}
@@ -117,6 +122,7 @@ class FusedInputEmbedding(nn.Module):
             padding_idx=self.padding_idx,
             sparse=self.sparse,
             past_length=past_length,
+            check_bounds=self.check_bounds,
             backend=self.backend,
         )
 

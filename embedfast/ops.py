@@ -10,6 +10,9 @@ forward: ``out[n] = weight[ids[n]] * scale + P[pos[n]] + segment_weight[seg[n]]`
   position_ids None: pos[n] = past_length + n % seq_len.  token_type_ids None: seg[n] = 0.
   max_positions: bound the positions are checked against (0: none).
   padding_idx (-1: none) and sparse only shape the backward.
+  check_bounds: index values are checked against their tables either way; True: exactly, raising an
+    IndexError that names the bad value (reads the ids back: a host synchronization on CUDA); False on
+    CUDA: by a device-side assertion instead (no synchronization, CUDA-graph safe). CPU always checks exactly.
 
 backward: one pass over grad_out, returns (token_grad, position_grad, segment_grad):
   token_grad "sparse": (N, D) values grad_out * scale (padding rows are dropped afterwards, here);
@@ -24,12 +27,12 @@ import torch
 FORWARD_SCHEMA = (
     "(Tensor input_ids, Tensor weight, Tensor? position_ids, Tensor? position_weight, "
     "Tensor? token_type_ids, Tensor? segment_weight, float scale, str position, float sinusoid_base, "
-    "int max_positions, int past_length, int seq_len, int padding_idx, bool sparse) -> Tensor"
+    "int max_positions, int past_length, int seq_len, int padding_idx, bool sparse, bool check_bounds) -> Tensor"
 )
 BACKWARD_SCHEMA = (
     "(Tensor grad_out, Tensor input_ids, Tensor? position_ids, Tensor? token_type_ids, str token_grad, "
     "int num_embeddings, int padding_idx, float scale, int num_positions, int num_segments, "
-    "int past_length, int seq_len) -> (Tensor, Tensor, Tensor)"
+    "int past_length, int seq_len, bool check_bounds) -> (Tensor, Tensor, Tensor)"
 )
 DROP_PADDING_SCHEMA = "(Tensor input_ids, Tensor values, int padding_idx) -> (Tensor, Tensor)"
 
@@ -57,12 +60,12 @@ def register_fake_and_autograd(backend: str) -> None:
 
 
 def _forward_fake(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, scale, position,
-                  sinusoid_base, max_positions, past_length, seq_len, padding_idx, sparse):
+                  sinusoid_base, max_positions, past_length, seq_len, padding_idx, sparse, check_bounds):
     return weight.new_empty((input_ids.shape[0], weight.shape[1]))
 
 
 def _backward_fake(grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, padding_idx, scale,
-                   num_positions, num_segments, past_length, seq_len):
+                   num_positions, num_segments, past_length, seq_len, check_bounds):
     num_tokens, dim = grad_out.shape
     rows = {"sparse": num_tokens, "dense": num_embeddings}.get(token_grad, 0)
     return grad_out.new_empty((rows, dim)), grad_out.new_empty((num_positions, dim)), grad_out.new_empty((num_segments, dim))
@@ -70,13 +73,13 @@ def _backward_fake(grad_out, input_ids, position_ids, token_type_ids, token_grad
 
 def _setup_context(ctx, inputs, output):
     (input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, scale, position,
-     _base, _max_positions, past_length, seq_len, padding_idx, sparse) = inputs
+     _base, _max_positions, past_length, seq_len, padding_idx, sparse, check_bounds) = inputs
     ctx.save_for_backward(input_ids, position_ids, token_type_ids)
     ctx.num_embeddings = weight.shape[0]
     ctx.num_positions = position_weight.shape[0] if position_weight is not None else 0
     ctx.num_segments = segment_weight.shape[0] if segment_weight is not None else 0
     ctx.scale, ctx.padding_idx, ctx.sparse = scale, padding_idx, sparse
-    ctx.past_length, ctx.seq_len = past_length, seq_len
+    ctx.past_length, ctx.seq_len, ctx.check_bounds = past_length, seq_len, check_bounds
 
 
 def _backward(ctx, grad_out, backward_op):
@@ -86,13 +89,13 @@ def _backward(ctx, grad_out, backward_op):
     weight_grad, position_grad, segment_grad = backward_op(
         grad_out.contiguous(), input_ids, position_ids, token_type_ids, token_grad, ctx.num_embeddings,
         ctx.padding_idx, ctx.scale, ctx.num_positions if wants[3] else 0, ctx.num_segments if wants[5] else 0,
-        ctx.past_length, ctx.seq_len)
+        ctx.past_length, ctx.seq_len, ctx.check_bounds)
     if token_grad == "sparse":
         weight_grad = _sparse_token_grad(input_ids, weight_grad, ctx.padding_idx, ctx.num_embeddings)
     elif token_grad == "none":
         weight_grad = None
     return (None, weight_grad, None, position_grad if wants[3] else None, None, segment_grad if wants[5] else None,
-            None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None)
 
 
 def _sparse_token_grad(input_ids, values, padding_idx, num_embeddings):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .positions import default_position_ids, sinusoid_values
-from .validation import check_index_range
+from .validation import check_index_range, exact_checks
 
 
 def unfused_input_embedding(
@@ -53,18 +53,22 @@ def resolve_positions(position_ids: torch.Tensor | None, num_tokens: int, past_l
 
 def check_forward_indices(
     input_ids: torch.Tensor,
-    num_embeddings: int,
+    weight: torch.Tensor,
     position_ids: torch.Tensor | None,
+    position_weight: torch.Tensor | None,
     max_positions: int,
     token_type_ids: torch.Tensor | None,
-    num_segments: int,
+    segment_weight: torch.Tensor | None,
+    check_bounds: bool,
 ) -> None:
-    """Value-range checks of the index tensors; raise ``IndexError`` naming the argument and value."""
-    check_index_range("input_ids", input_ids, num_embeddings)
+    """The index values the forward reads rows with, each against its table (see ``validation.check_index_range``)."""
+    exact = exact_checks(check_bounds, input_ids)
+    check_index_range("input_ids", input_ids, weight.shape[0], exact)
     if position_ids is not None:
-        check_index_range("position_ids", position_ids, max_positions if max_positions > 0 else None)
+        bound = position_weight.shape[0] if position_weight is not None else max_positions
+        check_index_range("position_ids", position_ids, bound if bound > 0 else None, exact)
     if token_type_ids is not None:
-        check_index_range("token_type_ids", token_type_ids, num_segments)
+        check_index_range("token_type_ids", token_type_ids, segment_weight.shape[0], exact)
 
 
 def reference_forward(
@@ -82,10 +86,11 @@ def reference_forward(
     seq_len: int,
     padding_idx: int,
     sparse: bool,
+    check_bounds: bool,
 ) -> torch.Tensor:
     """Reference implementation of ``embedfast::forward_*`` (flattened tokens, see ``ops.py``)."""
-    num_segments = segment_weight.shape[0] if segment_weight is not None else 0
-    check_forward_indices(input_ids, weight.shape[0], position_ids, max_positions, token_type_ids, num_segments)
+    check_forward_indices(input_ids, weight, position_ids, position_weight, max_positions, token_type_ids, segment_weight,
+                          check_bounds)
     math_dtype = compute_dtype(weight.dtype)
     num_tokens, dim = input_ids.shape[0], weight.shape[1]
     position_table = None
@@ -123,6 +128,7 @@ def reference_backward(
     num_segments: int,
     past_length: int,
     seq_len: int,
+    check_bounds: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reference implementation of ``embedfast::backward_*`` (see ``ops.py``)."""
     dtype, math_dtype = grad_out.dtype, compute_dtype(grad_out.dtype)

@@ -23,13 +23,12 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from . import ops
 from .positions import sinusoid_frequencies
-from .reference import compute_dtype, resolve_positions
-from .validation import check_index_range
+from .reference import check_forward_indices, compute_dtype, resolve_positions
+from .validation import check_index_range, exact_checks
 
 POSITION_CODES = {"none": 0, "learned": 1, "interleaved": 2, "concat": 2}
 # segment tables up to this many rows are summed per program in registers; larger ones are sorted
@@ -192,17 +191,10 @@ def _check_table(name: str, table: torch.Tensor | None, like: torch.Tensor) -> N
         raise ValueError(f"{name} is {table.dtype} on {table.device}, but expected {like.dtype} on {like.device}")
 
 
-def _check_ranges(checks: list[tuple[str, torch.Tensor | None, int | None]]) -> None:
-    """Index values within their tables: eagerly an ``IndexError`` naming the value; when traced by
-    ``torch.compile`` (no values to read) a device-side assertion in the graph."""
+def _check_ranges(checks: list[tuple[str, torch.Tensor | None, int | None]], check_bounds: bool) -> None:
     for name, ids, bound in checks:
-        if ids is None:
-            continue
-        if not is_fake(ids):
-            check_index_range(name, ids, bound)
-        elif ids.numel() > 0:
-            valid = ids >= 0 if bound is None else (ids >= 0) & (ids < bound)
-            torch._assert_async(valid.all(), f"{name} contains an index out of range [0, {bound})")
+        if ids is not None:
+            check_index_range(name, ids, bound, exact_checks(check_bounds, ids))
 
 
 def _sinusoid_turns(dim: int, layout: str, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +213,7 @@ def _operator(kind: str, schema: str):
 
 @_operator("forward", ops.FORWARD_SCHEMA)
 def forward_triton(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, scale, position,
-                   sinusoid_base, max_positions, past_length, seq_len, padding_idx, sparse):
+                   sinusoid_base, max_positions, past_length, seq_len, padding_idx, sparse, check_bounds):
     if weight.dim() != 2 or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous 2-D table, got shape {tuple(weight.shape)} and strides {weight.stride()}")
     if position not in POSITION_CODES:
@@ -238,7 +230,8 @@ def forward_triton(input_ids, weight, position_ids, position_weight, token_type_
     if past_length < 0:
         raise ValueError(f"past_length must be >= 0, got {past_length}")
     num_tokens, dim = input_ids.shape[0], weight.shape[1]
-    bound = max_positions if max_positions > 0 else None
+    rows = position_weight.shape[0] if position_weight is not None else max_positions
+    bound = rows if rows > 0 else None
     if position_ids is None and position != "none" and num_tokens > 0:
         if seq_len <= 0:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
@@ -246,9 +239,8 @@ def forward_triton(input_ids, weight, position_ids, position_weight, token_type_
         if bound is not None and last >= bound:
             raise IndexError(f"positions reach {last} (past_length={past_length}, seq_len={seq_len}), out of range "
                              f"for max_positions={bound}")
-    num_segments = segment_weight.shape[0] if segment_weight is not None else 0
-    _check_ranges([("input_ids", input_ids, weight.shape[0]), ("position_ids", position_ids, bound),
-                   ("token_type_ids", token_type_ids, num_segments)])
+    check_forward_indices(input_ids, weight, position_ids, position_weight, max_positions, token_type_ids, segment_weight,
+                          check_bounds)
 
     out = torch.empty((num_tokens, dim), dtype=weight.dtype, device=weight.device)
     if num_tokens == 0 or dim == 0:
@@ -308,7 +300,7 @@ def _grad_rows(grad: torch.Tensor, token_type_ids: torch.Tensor | None, write_va
 
 @_operator("backward", ops.BACKWARD_SCHEMA)
 def backward_triton(grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, padding_idx, scale,
-                    num_positions, num_segments, past_length, seq_len):
+                    num_positions, num_segments, past_length, seq_len, check_bounds):
     if token_grad not in ("sparse", "dense", "none"):
         raise ValueError(f"token_grad must be 'sparse', 'dense' or 'none', got {token_grad!r}")
     if grad_out.dim() != 2 or not grad_out.is_contiguous() or grad_out.shape[0] != input_ids.shape[0]:
@@ -321,7 +313,7 @@ def backward_triton(grad_out, input_ids, position_ids, token_type_ids, token_gra
     positions = resolve_positions(position_ids, num_tokens, past_length, seq_len, grad_out.device) if num_positions else None
     _check_ranges([("input_ids", input_ids if token_grad == "dense" else None, num_embeddings),
                    ("position_ids", positions, num_positions),
-                   ("token_type_ids", token_type_ids if num_segments > 0 else None, num_segments)])
+                   ("token_type_ids", token_type_ids if num_segments > 0 else None, num_segments)], check_bounds)
     in_registers = num_segments <= MAX_REGISTER_SEGMENTS
     values, segment_grad = _grad_rows(grad_out, token_type_ids, token_grad == "sparse", scale,
                                       num_segments if in_registers else 0)

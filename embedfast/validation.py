@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 POSITION_MODES = ("sinusoidal", "learned", "none")
 
 
-def check_index_range(name: str, ids: torch.Tensor, bound: int | None) -> None:
-    """Raise ``IndexError`` unless every element of ``ids`` lies in ``[0, bound)`` (``[0, inf)`` if None).
+def exact_checks(check_bounds: bool, ids: torch.Tensor) -> bool:
+    """Whether index ranges are checked exactly (read back, ``IndexError``) rather than by a
+    device-side assertion: always on CPU; on CUDA when ``check_bounds`` and no graph is being captured."""
+    if is_fake(ids):
+        return False  # traced by torch.compile: there are no values to read
+    if ids.device.type != "cuda":
+        return True
+    return check_bounds and not torch.cuda.is_current_stream_capturing()
 
-    Reads the values, so on CUDA it synchronizes with the host.
+
+def check_index_range(name: str, ids: torch.Tensor, bound: int | None, exact: bool = True) -> None:
+    """Every element of ``ids`` must lie in ``[0, bound)`` (``[0, inf)`` if None).
+
+    ``exact``: read the values and raise ``IndexError`` naming the bad one (on CUDA a host
+    synchronization). Otherwise a device-side assertion in the stream: no synchronization,
+    CUDA-graph safe, and what ``torch.compile`` traces.
     """
     if ids.numel() == 0:
+        return
+    if not exact:
+        valid = ids >= 0 if bound is None else (ids >= 0) & (ids < bound)
+        torch._assert_async(valid.all(), f"{name} contains an index out of range [0, {bound})")
         return
     low, high = torch.aminmax(ids)
     low, high = int(low), int(high)

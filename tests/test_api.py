@@ -11,7 +11,7 @@ from embedfast import FusedInputEmbedding, available_backends, fused_input_embed
 
 def test_public_names():
     assert set(embedfast.__all__) == {"FusedInputEmbedding", "fused_input_embedding", "available_backends",
-                                      "sinusoidal_positions"}
+                                      "sinusoidal_positions", "from_modules", "patch_model", "PatchReport"}
 
 
 def test_parameters_and_initialisation_follow_nn_embedding():

@@ -38,9 +38,9 @@ def _op_samples(device):
         weight = torch.randn(9, 5, device=device, requires_grad=requires_grad)
         segments = torch.randn(2, 5, device=device, requires_grad=requires_grad)
         positions = torch.randn(8, 5, device=device, requires_grad=requires_grad)
-        yield (ids, weight, None, positions, types, segments, 2.0, "learned", 10000.0, 8, 1, 3, 2, True)
-        yield (ids, weight, ids % 4, None, None, segments, 1.0, "concat", 100.0, 0, 0, 6, -1, False)
-        yield (ids.int(), weight, None, None, None, None, 1.0, "interleaved", 10000.0, 0, 3, 2, 0, False)
+        yield (ids, weight, None, positions, types, segments, 2.0, "learned", 10000.0, 8, 1, 3, 2, True, True)
+        yield (ids, weight, ids % 4, None, None, segments, 1.0, "concat", 100.0, 0, 0, 6, -1, False, False)
+        yield (ids.int(), weight, None, None, None, None, 1.0, "interleaved", 10000.0, 0, 3, 2, 0, False, True)
 
 
 def test_opcheck(backend, device):
@@ -50,7 +50,8 @@ def test_opcheck(backend, device):
     ids, types = _inputs(device)
     backward = getattr(torch.ops.embedfast, f"backward_{backend}")
     for token_grad in ("sparse", "dense", "none"):
-        torch.library.opcheck(backward, (grad, ids, None, types, token_grad, 9, 2, 2.0, 8, 2, 1, 3))
+        for check_bounds in (True, False):
+            torch.library.opcheck(backward, (grad, ids, None, types, token_grad, 9, 2, 2.0, 8, 2, 1, 3, check_bounds))
     torch.library.opcheck(torch.ops.embedfast.drop_padding, (ids, grad, int(ids[0])))
 
 

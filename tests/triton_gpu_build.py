@@ -119,13 +119,13 @@ def traced_graphs():
         grad = torch.empty(64, 768, device="cuda")
         return {
             "forward-sinusoid": traced_launches(torch.ops.embedfast.forward_triton, ids, weight, None, None, ids, segments,
-                                                2.0, "interleaved", 10000.0, 0, 0, 8, -1, True),
+                                                2.0, "interleaved", 10000.0, 0, 0, 8, -1, True, True),
             "forward-learned": traced_launches(torch.ops.embedfast.forward_triton, ids, weight, None, positions, ids,
-                                               segments, 2.0, "learned", 10000.0, 16, 0, 8, -1, True),
+                                               segments, 2.0, "learned", 10000.0, 16, 0, 8, -1, True, True),
             "backward-sparse": traced_launches(torch.ops.embedfast.backward_triton, grad, ids, None, ids, "sparse", 100, 0,
-                                               2.0, 16, 2, 0, 8),
+                                               2.0, 16, 2, 0, 8, True),
             "backward-dense": traced_launches(torch.ops.embedfast.backward_triton, grad, ids, None, ids, "dense", 100, 0,
-                                              2.0, 0, 2, 0, 8),
+                                              2.0, 0, 2, 0, 8, True),
         }
 
 

@@ -214,15 +214,11 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
                        const std::optional<at::Tensor>& position_weight, const std::optional<at::Tensor>& token_type_ids,
                        const std::optional<at::Tensor>& segment_weight, double scale, c10::string_view position,
                        double sinusoid_base, int64_t max_positions, int64_t past_length, int64_t seq_len,
-                       int64_t padding_idx, bool sparse) {
+                       int64_t padding_idx, bool sparse, bool /*check_bounds: on CPU the check is cheap, always made*/) {
   const PositionMode mode = check_forward_args(input_ids, weight, position_ids, position_weight, token_type_ids,
                                                segment_weight, position, past_length, seq_len);
-  const int64_t num_segments = segment_weight.has_value() ? segment_weight->size(0) : 0;
-  check_index_range(input_ids, "input_ids", weight.size(0));
-  if (position_ids.has_value()) {
-    check_index_range(*position_ids, "position_ids", mode == PositionMode::kLearned ? position_weight->size(0) : max_positions);
-  }
-  if (token_type_ids.has_value()) check_index_range(*token_type_ids, "token_type_ids", num_segments);
+  check_forward_index_ranges(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight,
+                             max_positions);
 
   const int64_t tokens = input_ids.numel(), dim = weight.size(1);
   at::Tensor out = at::empty({tokens, dim}, weight.options());
@@ -289,12 +285,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids,
     const std::optional<at::Tensor>& token_type_ids, c10::string_view token_grad, int64_t num_embeddings,
     int64_t padding_idx, double scale, int64_t num_positions, int64_t num_segments, int64_t past_length,
-    int64_t seq_len) {
+    int64_t seq_len, bool /*check_bounds: always checked on CPU*/) {
   check_backward_args(grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, num_positions,
                       num_segments, past_length, seq_len);
-  if (token_grad == "dense") check_index_range(input_ids, "input_ids", num_embeddings);
-  if (num_positions > 0 && position_ids.has_value()) check_index_range(*position_ids, "position_ids", num_positions);
-  if (num_segments > 0 && token_type_ids.has_value()) check_index_range(*token_type_ids, "token_type_ids", num_segments);
+  check_backward_index_ranges(input_ids, position_ids, token_type_ids, token_grad == "dense", num_embeddings,
+                              num_positions, num_segments);
   const int64_t tokens = grad_out.size(0), dim = grad_out.size(1);
   const bool sparse = token_grad == "sparse", dense = token_grad == "dense";
   at::Tensor weight_grad = at::empty({sparse ? tokens : (dense ? num_embeddings : 0), dim}, grad_out.options());

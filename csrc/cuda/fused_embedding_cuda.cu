@@ -8,8 +8,8 @@
 // kMaxRegisterSegments segments in registers); a second tiny kernel adds the block sums in block order.
 // Dense token and learned-position gradients: stable sort of the keys, then one thread group per run of
 // equal keys sums its rows in token order. No float atomics anywhere: results are bitwise reproducible.
-// Everything runs on the current stream with no host synchronization except the index-range checks, which
-// are skipped while a CUDA graph is being captured (the kernels then trap on a bad index).
+// Everything runs on the current stream with no host synchronization except the exact index-range checks;
+// with check_bounds=False or under CUDA-graph capture, device-side assertions replace them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const index_t* __restrict__ position_ids,
     const scalar_t* __restrict__ position_weight, const index_t* __restrict__ segment_ids,
     const scalar_t* __restrict__ segment_weight, scalar_t* __restrict__ out, int64_t tokens, int64_t dim,
-    int64_t num_embeddings, acc_t<scalar_t> scale, PositionMode mode, double log_step, int64_t past_length,
+    acc_t<scalar_t> scale, PositionMode mode, double log_step, int64_t past_length,
     int64_t seq_len) {
   using acc = acc_t<scalar_t>;
   const int64_t chunks = dim / kVec;
@@ -85,7 +85,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
     }
     for (int64_t n = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; n < tokens; n += int64_t(gridDim.y) * blockDim.y) {
       const int64_t id = static_cast<int64_t>(ids[n]);
-      if (id < 0 || id >= num_embeddings) __trap();  // only reachable when the host check was skipped (graph capture)
       const auto token = load_chunk<scalar_t, kVec>(weight + id * dim + col);
       acc position[kVec] = {};
       acc segment[kVec] = {};
@@ -181,7 +180,11 @@ __global__ void __launch_bounds__(kThreads) sum_sorted_runs_kernel(
   }
 }
 
-bool capturing() { return at::cuda::currentStreamCaptureStatusMayInitCtx() != at::cuda::CaptureStatus::None; }
+// Exact index-range checks read ids back (a host synchronization): made unless the caller opted out
+// (check_bounds=False) or a CUDA graph is being captured; then a device-side assertion checks instead.
+bool exact_checks(bool check_bounds) {
+  return check_bounds && at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None;
+}
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -216,18 +219,12 @@ at::Tensor forward_cuda(const at::Tensor& input_ids, const at::Tensor& weight, c
                         const std::optional<at::Tensor>& position_weight, const std::optional<at::Tensor>& token_type_ids,
                         const std::optional<at::Tensor>& segment_weight, double scale, c10::string_view position,
                         double sinusoid_base, int64_t max_positions, int64_t past_length, int64_t seq_len,
-                        int64_t padding_idx, bool sparse) {
+                        int64_t padding_idx, bool sparse, bool check_bounds) {
   const PositionMode mode = check_forward_args(input_ids, weight, position_ids, position_weight, token_type_ids,
                                                segment_weight, position, past_length, seq_len);
   const c10::cuda::CUDAGuard guard(weight.device());
-  if (!capturing()) {
-    check_index_range(input_ids, "input_ids", weight.size(0));
-    if (position_ids.has_value()) {
-      check_index_range(*position_ids, "position_ids",
-                        mode == PositionMode::kLearned ? position_weight->size(0) : max_positions);
-    }
-    if (token_type_ids.has_value()) check_index_range(*token_type_ids, "token_type_ids", segment_weight->size(0));
-  }
+  check_forward_index_ranges(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight,
+                             max_positions, exact_checks(check_bounds));
   const int64_t tokens = input_ids.numel(), dim = weight.size(1);
   at::Tensor out = at::empty({tokens, dim}, weight.options());
   if (tokens == 0 || dim == 0) return out;
@@ -242,7 +239,7 @@ at::Tensor forward_cuda(const at::Tensor& input_ids, const at::Tensor& weight, c
         const dim3 block = row_block(dim / kVec);
         forward_kernel<scalar_t, index_t, kVec><<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
             input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), data_or_null<index_t>(position_ids), pos_table,
-            data_or_null<index_t>(token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim, weight.size(0),
+            data_or_null<index_t>(token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim,
             static_cast<acc_t<scalar_t>>(scale), mode,
             sinusoid_log_step(dim, mode, std::log(sinusoid_base)), past_length, seq_len);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -283,16 +280,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids,
     const std::optional<at::Tensor>& token_type_ids, c10::string_view token_grad, int64_t num_embeddings,
     int64_t padding_idx, double scale, int64_t num_positions, int64_t num_segments, int64_t past_length,
-    int64_t seq_len) {
+    int64_t seq_len, bool check_bounds) {
   check_backward_args(grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, num_positions,
                       num_segments, past_length, seq_len);
   const c10::cuda::CUDAGuard guard(grad_out.device());
   const bool sparse = token_grad == "sparse", dense = token_grad == "dense";
-  if (!capturing()) {
-    if (dense) check_index_range(input_ids, "input_ids", num_embeddings);
-    if (num_positions > 0 && position_ids.has_value()) check_index_range(*position_ids, "position_ids", num_positions);
-    if (num_segments > 0 && token_type_ids.has_value()) check_index_range(*token_type_ids, "token_type_ids", num_segments);
-  }
+  check_backward_index_ranges(input_ids, position_ids, token_type_ids, dense, num_embeddings, num_positions,
+                              num_segments, exact_checks(check_bounds));
   const int64_t tokens = grad_out.size(0), dim = grad_out.size(1);
   at::Tensor values = at::empty({sparse ? tokens : 0, dim}, grad_out.options());
   at::Tensor weight_grad = values;

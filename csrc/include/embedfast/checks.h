@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "embedfast/kernel_math.h"
@@ -109,10 +110,17 @@ inline void check_backward_args(const at::Tensor& grad_out, const at::Tensor& in
 
 namespace embedfast {
 
-// Raise IndexError unless every id lies in [0, bound) (bound <= 0: no upper bound). Reads the values: on CUDA
-// this synchronizes with the host, so callers skip it while a CUDA graph is being captured.
-inline void check_index_range(const at::Tensor& ids, const char* name, int64_t bound) {
+// Every id must lie in [0, bound) (bound <= 0: no upper bound). `exact`: read the values back and raise
+// IndexError naming the bad one (on CUDA a host synchronization). Otherwise a device-side assertion: no
+// synchronization, safe under CUDA-graph capture, and a bad id stops the stream before any kernel reads it.
+inline void check_index_range(const at::Tensor& ids, const char* name, int64_t bound, bool exact = true) {
   if (ids.numel() == 0) {
+    return;
+  }
+  if (!exact) {
+    at::Tensor valid = ids.ge(0);
+    if (bound > 0) valid = valid.logical_and(ids.lt(bound));
+    at::_assert_async(valid.all(), std::string(name) + " contains an index out of range (check_bounds=False)");
     return;
   }
   const auto [low_tensor, high_tensor] = at::aminmax(ids);
@@ -121,6 +129,33 @@ inline void check_index_range(const at::Tensor& ids, const char* name, int64_t b
   TORCH_CHECK_INDEX(low >= 0, name, " contains ", low, ": indices must be >= 0");
   TORCH_CHECK_INDEX(bound <= 0 || high < bound, name, " contains ", high, ", out of range for a table of ", bound,
                     " rows (valid: 0..", bound - 1, ")");
+}
+
+// The index values the forward reads rows with, each against its table.
+inline void check_forward_index_ranges(const at::Tensor& input_ids, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& position_ids,
+                                       const std::optional<at::Tensor>& position_weight,
+                                       const std::optional<at::Tensor>& token_type_ids,
+                                       const std::optional<at::Tensor>& segment_weight, int64_t max_positions,
+                                       bool exact = true) {
+  check_index_range(input_ids, "input_ids", weight.size(0), exact);
+  if (position_ids.has_value()) {
+    check_index_range(*position_ids, "position_ids", position_weight.has_value() ? position_weight->size(0) : max_positions,
+                      exact);
+  }
+  if (token_type_ids.has_value()) check_index_range(*token_type_ids, "token_type_ids", segment_weight->size(0), exact);
+}
+
+// The index values the backward writes rows with, each against the gradient it writes.
+inline void check_backward_index_ranges(const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids,
+                                        const std::optional<at::Tensor>& token_type_ids, bool dense,
+                                        int64_t num_embeddings, int64_t num_positions, int64_t num_segments,
+                                        bool exact = true) {
+  if (dense) check_index_range(input_ids, "input_ids", num_embeddings, exact);
+  if (num_positions > 0 && position_ids.has_value()) check_index_range(*position_ids, "position_ids", num_positions, exact);
+  if (num_segments > 0 && token_type_ids.has_value()) {
+    check_index_range(*token_type_ids, "token_type_ids", num_segments, exact);
+  }
 }
 
 }  // namespace embedfast
