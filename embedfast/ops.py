@@ -15,7 +15,8 @@ forward: ``out[n] = weight[ids[n]] * scale + P[pos[n]] + segment_weight[seg[n]]`
     CUDA: by a device-side assertion instead (no synchronization, CUDA-graph safe). CPU always checks exactly.
 
 backward: one pass over grad_out, returns (token_grad, position_grad, segment_grad):
-  token_grad "sparse": (N, D) values grad_out * scale (padding rows are dropped afterwards, here);
+  token_grad "sparse": (N, D) values grad_out * scale (asked for only without padding: with a padding_idx,
+             ``embedfast::sparse_rows`` gathers the non-padding rows instead);
              "dense":  (num_embeddings, D), the padding row zero; "none": (0, D).
   position_grad (num_positions, D), segment_grad (num_segments, D); 0 rows when not wanted.
 """
@@ -34,7 +35,7 @@ BACKWARD_SCHEMA = (
     "int num_embeddings, int padding_idx, float scale, int num_positions, int num_segments, "
     "int past_length, int seq_len, bool check_bounds) -> (Tensor, Tensor, Tensor)"
 )
-DROP_PADDING_SCHEMA = "(Tensor input_ids, Tensor values, int padding_idx) -> (Tensor, Tensor)"
+SPARSE_ROWS_SCHEMA = "(Tensor input_ids, Tensor grad_out, int padding_idx, float scale) -> (Tensor, Tensor)"
 
 
 def op_name(kind: str, backend: str) -> str:
@@ -85,42 +86,45 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, backward_op):
     input_ids, position_ids, token_type_ids = ctx.saved_tensors
     wants = ctx.needs_input_grad
-    token_grad = ("sparse" if ctx.sparse else "dense") if wants[1] else "none"
+    grad_out = grad_out.contiguous()
+    # sparse with padding: the rows kept are only known from the ids, so sparse_rows gathers them instead
+    gather_rows = wants[1] and ctx.sparse and ctx.padding_idx >= 0
+    token_grad = "none" if not wants[1] or gather_rows else ("sparse" if ctx.sparse else "dense")
     weight_grad, position_grad, segment_grad = backward_op(
-        grad_out.contiguous(), input_ids, position_ids, token_type_ids, token_grad, ctx.num_embeddings,
+        grad_out, input_ids, position_ids, token_type_ids, token_grad, ctx.num_embeddings,
         ctx.padding_idx, ctx.scale, ctx.num_positions if wants[3] else 0, ctx.num_segments if wants[5] else 0,
         ctx.past_length, ctx.seq_len, ctx.check_bounds)
-    if token_grad == "sparse":
-        weight_grad = _sparse_token_grad(input_ids, weight_grad, ctx.padding_idx, ctx.num_embeddings)
+    if gather_rows:
+        indices, values = torch.ops.embedfast.sparse_rows(input_ids, grad_out, ctx.padding_idx, ctx.scale)
+        weight_grad = _sparse_coo(indices, values, ctx.num_embeddings)
+    elif token_grad == "sparse":
+        weight_grad = _sparse_coo(input_ids.to(torch.int64).unsqueeze(0), weight_grad, ctx.num_embeddings)
     elif token_grad == "none":
         weight_grad = None
     return (None, weight_grad, None, position_grad if wants[3] else None, None, segment_grad if wants[5] else None,
             None, None, None, None, None, None, None, None, None)
 
 
-def _sparse_token_grad(input_ids, values, padding_idx, num_embeddings):
+def _sparse_coo(indices, values, num_embeddings):
     """The uncoalesced COO gradient ``nn.Embedding(sparse=True)`` returns: one row per non-padding token."""
-    if padding_idx >= 0:
-        indices, values = torch.ops.embedfast.drop_padding(input_ids, values, padding_idx)
-    else:
-        indices = input_ids.to(torch.int64).unsqueeze(0)
     return torch.sparse_coo_tensor(indices, values, (num_embeddings, values.shape[1]), check_invariants=False)
 
 
-torch.library.define("embedfast::drop_padding", DROP_PADDING_SCHEMA)
+torch.library.define("embedfast::sparse_rows", SPARSE_ROWS_SCHEMA)
 
 
-@torch.library.impl("embedfast::drop_padding", "default")
-def _drop_padding(input_ids, values, padding_idx):
-    """Keep the tokens that are not ``padding_idx``: (1, M) int64 indices and their (M, D) values."""
+@torch.library.impl("embedfast::sparse_rows", "default")
+def _sparse_rows(input_ids, grad_out, padding_idx, scale):
+    """The tokens that are not ``padding_idx``: (1, M) int64 indices and ``scale`` times their grad rows,
+    gathered and scaled in place, so the only allocation is the (M, D) values."""
     keep = input_ids != padding_idx
-    return input_ids[keep].to(torch.int64).unsqueeze(0), values[keep]
+    return input_ids[keep].to(torch.int64).unsqueeze(0), grad_out[keep].mul_(scale)
 
 
-@torch.library.register_fake("embedfast::drop_padding")
-def _drop_padding_fake(input_ids, values, padding_idx):
+@torch.library.register_fake("embedfast::sparse_rows")
+def _sparse_rows_fake(input_ids, grad_out, padding_idx, scale):
     kept = torch.library.get_ctx().new_dynamic_size()
-    return input_ids.new_empty((1, kept), dtype=torch.int64), values.new_empty((kept, values.shape[1]))
+    return input_ids.new_empty((1, kept), dtype=torch.int64), grad_out.new_empty((kept, grad_out.shape[1]))
 
 
 def _register_reference() -> None:

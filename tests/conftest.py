@@ -2,6 +2,8 @@ import os
 
 # The Triton interpreter must be on before triton_kernels is imported: CPU tensors then run Triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# compiled graphs of earlier runs (in /tmp) may name operators as they were then: compile afresh
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

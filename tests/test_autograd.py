@@ -52,7 +52,7 @@ def test_opcheck(backend, device):
     for token_grad in ("sparse", "dense", "none"):
         for check_bounds in (True, False):
             torch.library.opcheck(backward, (grad, ids, None, types, token_grad, 9, 2, 2.0, 8, 2, 1, 3, check_bounds))
-    torch.library.opcheck(torch.ops.embedfast.drop_padding, (ids, grad, int(ids[0])))
+    torch.library.opcheck(torch.ops.embedfast.sparse_rows, (ids, grad, int(ids[0]), 2.0))
 
 
 def test_compile_fullgraph_matches_eager(backend, device):
