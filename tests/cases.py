@@ -103,3 +103,39 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 def dense_grad(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce().to_dense() if grad.is_sparse else grad
+
+
+def assert_case_matches_truth(case: Case, dtype: torch.dtype, backend: str, device: str, generator: torch.Generator,
+                              extremes: bool = False) -> None:
+    """The module's forward and every gradient against autograd through the float64 reference.
+
+    ``extremes``: the first and last ids are 0 and ``vocab - 1``.
+    """
+    module = case.module(dtype, device, backend)
+    inputs = case.inputs(device, generator)
+    ids = inputs["input_ids"]
+    if extremes and ids.numel() >= 2:
+        ids.view(-1)[0], ids.view(-1)[-1] = 0, case.vocab - 1
+
+    out = module(**inputs, past_length=case.past_length)
+    expected, tables = truth(module, inputs, case.past_length)
+    assert out.shape == (*ids.shape, case.dim)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, "forward")
+    if dtype != torch.float32:  # one rounding: no worse than twice the error of eager PyTorch in this dtype
+        eager, _ = truth(module, inputs, case.past_length, dtype=dtype)
+        error, eager_error = (out.double() - expected).abs(), (eager.double() - expected).abs()
+        if error.numel():
+            assert error.max() <= 2 * eager_error.max() + 1e-6 * expected.abs().max()
+
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    out.backward(grad_out)
+    expected.backward(grad_out.double())
+    assert module.weight.grad.is_sparse == case.sparse
+    if case.sparse:
+        assert module.weight.grad._nnz() < 2 or not module.weight.grad.is_coalesced()
+        assert module.weight.grad.dtype == dtype
+    for name, table in tables.items():
+        grad = getattr(module, name).grad
+        assert grad.dtype == dtype
+        assert_close(dense_grad(grad), table.grad, dtype, f"{name}.grad")

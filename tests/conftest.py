@@ -7,10 +7,17 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import embedfast  # noqa: E402
 
 BACKENDS = ("reference", "extension", "triton")
+
+# property-based tests: a quick profile for every run, a long one for nightly runs (HYPOTHESIS_PROFILE=nightly)
+_PROFILE = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture], "derandomize": True}
+settings.register_profile("ci", max_examples=25, **_PROFILE)
+settings.register_profile("nightly", max_examples=1000, **{**_PROFILE, "derandomize": False})
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_configure(config):

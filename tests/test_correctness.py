@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cases import Case, assert_close, dense_grad, truth
+from cases import Case, assert_case_matches_truth
 
 CASES = {
     "1d-odd-dim": Case(shape=(7,), dim=7),
@@ -29,31 +29,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_forward_and_gradients_match_reference(case, dtype, backend, device):
     generator = torch.Generator().manual_seed(hash((str(case), str(dtype))) % 2**31)
-    module = case.module(dtype, device, backend)
-    inputs = case.inputs(device, generator)
-
-    out = module(**inputs, past_length=case.past_length)
-    expected, tables = truth(module, inputs, case.past_length)
-    assert out.shape == (*inputs["input_ids"].shape, case.dim)
-    assert out.dtype == dtype
-    assert_close(out, expected, dtype, "forward")
-    if dtype != torch.float32:  # one rounding: no worse than twice the error of eager PyTorch in this dtype
-        eager, _ = truth(module, inputs, case.past_length, dtype=dtype)
-        error, eager_error = (out.double() - expected).abs(), (eager.double() - expected).abs()
-        if error.numel():
-            assert error.max() <= 2 * eager_error.max() + 1e-6 * expected.abs().max()
-
-    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(device, dtype)
-    out.backward(grad_out)
-    expected.backward(grad_out.double())
-    assert module.weight.grad.is_sparse == case.sparse
-    if case.sparse:
-        assert module.weight.grad._nnz() < 2 or not module.weight.grad.is_coalesced()
-        assert module.weight.grad.dtype == dtype
-    for name, table in tables.items():
-        grad = getattr(module, name).grad
-        assert grad.dtype == dtype
-        assert_close(dense_grad(grad), table.grad, dtype, f"{name}.grad")
+    assert_case_matches_truth(case, dtype, backend, device, generator)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -1,0 +1,151 @@
+"""Hardening: property-based comparison with the reference, determinism, threads, memory, 64-bit offsets,
+and the documented results of edge-case inputs, on every backend."""
+
+import concurrent.futures
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import embedfast
+from cases import Case, assert_case_matches_truth
+
+
+@st.composite
+def cases(draw) -> Case:
+    shape = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=3)))
+    vocab = draw(st.integers(1, 40))
+    position = draw(st.sampled_from(["sinusoidal", "learned", "none"]))
+    past_length = draw(st.integers(0, 6))
+    explicit_positions = position != "none" and draw(st.booleans())
+    reach = past_length + shape[-1]
+    max_positions = reach + draw(st.integers(1, 8)) if position == "learned" else draw(st.none() | st.integers(reach + 1, 60))
+    if explicit_positions:
+        max_positions = max(max_positions or 0, 40)  # explicit positions are drawn from [0, max_positions or 40)
+    return Case(
+        shape=shape, dim=draw(st.sampled_from([1, 2, 3, 8, 17, 64, 130])), vocab=vocab, position=position,
+        layout=draw(st.sampled_from(["interleaved", "concat"])), max_positions=max_positions,
+        segments=draw(st.sampled_from([0, 1, 2, 3, 20])), padding_idx=draw(st.none() | st.integers(-vocab, vocab - 1)),
+        past_length=past_length, explicit_positions=explicit_positions, explicit_token_types=draw(st.booleans()),
+        ids_dtype=draw(st.sampled_from([torch.int32, torch.int64])), noncontiguous=draw(st.booleans()),
+        scale=draw(st.sampled_from(["sqrt", None, 0.5])), sparse=draw(st.booleans()))
+
+
+@given(case=cases(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_random_cases_match_reference(case, dtype, seed, backend, device):
+    assert_case_matches_truth(case, dtype, backend, device, torch.Generator().manual_seed(seed), extremes=True)
+
+
+def _gradients(module, ids, types, grad_out):
+    out = module(ids, types)
+    grads = torch.autograd.grad(out, list(module.parameters()), grad_out)
+    return [out] + [g.coalesce().to_dense() if g.is_sparse else g for g in grads]
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_backward_is_bitwise_deterministic(sparse, backend, device):
+    module = embedfast.FusedInputEmbedding(50, 64, num_segments=2, padding_idx=0, position="learned", max_positions=64,
+                                           sparse=sparse, backend=backend, device=device)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (8, 64), generator=generator).to(device)  # many duplicates
+    types = torch.randint(0, 2, (8, 64), generator=generator).to(device)
+    grad_out = torch.randn(8, 64, 64, generator=generator).to(device)
+    first, second = _gradients(module, ids, types, grad_out), _gradients(module, ids, types, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_concurrent_calls_from_threads_match_sequential_ones(backend, device):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("the Triton interpreter (a test tool) swaps triton.language globally while it runs a kernel")
+    module = embedfast.FusedInputEmbedding(50, 32, num_segments=2, padding_idx=0, position="learned", max_positions=16,
+                                           backend=backend, device=device)
+    generator = torch.Generator().manual_seed(1)
+    work = [(torch.randint(0, 50, (4, 16), generator=generator).to(device),
+             torch.randint(0, 2, (4, 16), generator=generator).to(device),
+             torch.randn(4, 16, 32, generator=generator).to(device)) for _ in range(16)]
+    expected = [_gradients(module, *item) for item in work]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda item: _gradients(module, *item), work))
+    for got, want in zip(results, expected):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def _bytes_allocated(fn) -> int:
+    """Bytes the CPU allocator handed out while ``fn`` ran (every allocation counted, frees ignored)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return sum(max(event.self_cpu_memory_usage, 0) for event in prof.events())
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned"])
+def test_memory_forward_allocates_its_output_and_backward_the_sparse_gradient(position, backend):
+    if backend == "reference":
+        pytest.skip("the reference is the unfused ground truth: it allocates every intermediate on purpose")
+    tokens, dim, seq_len, segments = 8 * 128, 256, 128, 2
+    module = embedfast.FusedInputEmbedding(1000, dim, num_segments=segments, padding_idx=0, position=position,
+                                           max_positions=seq_len, backend=backend)
+    ids = torch.randint(0, 1000, (8, seq_len))
+    types = torch.randint(0, 2, (8, seq_len))
+    output_bytes = tokens * dim * 4
+    # the CPU extension's sinusoid: one exact (seq_len, dim) float32 table per call, rotated per row
+    workspace = seq_len * dim * 4 if position == "sinusoidal" else 0
+    assert _bytes_allocated(lambda: module(ids, types)) <= output_bytes + workspace + 64 * 1024
+
+    out = module(ids, types)
+    grad_out = torch.randn_like(out)
+    sparse_gradient = output_bytes + tokens * 8  # values and indices
+    table_gradients = (seq_len if position == "learned" else 0) * dim * 4 + segments * dim * 4
+    bookkeeping = 4 * tokens * 8  # sorting keys: keys, order, run ends (int64 per token)
+    partials = -(-tokens // 16) * segments * dim * 4  # per-program segment sums: at most one row per 16 tokens
+    used = _bytes_allocated(lambda: torch.autograd.grad(out, list(module.parameters()), grad_out))
+    assert used <= sparse_gradient + table_gradients + bookkeeping + partials + 64 * 1024
+
+
+@pytest.mark.slow
+def test_more_than_2_to_the_31_elements_use_64_bit_offsets():
+    if embedfast.backends.unavailable_reason("extension", torch.device("cpu")) is not None:
+        pytest.skip("the extension is not built")
+    vocab, dim, tokens = 7, 4096, 2**19 + 1  # tokens * dim = 2**31 + 4096 bfloat16 elements (4.3 GB)
+    weight = torch.randn(vocab, dim).to(torch.bfloat16).requires_grad_()
+    ids = torch.arange(tokens) % vocab
+    out = embedfast.fused_input_embedding(ids, weight, position="none", scale=None, sparse=False, backend="extension")
+    assert torch.equal(out[-3:], weight.detach()[ids[-3:]])  # rows past element 2**31
+    grad = torch.autograd.grad(out, weight, out)[0]  # dense: every row of grad_out summed by id
+    del out
+    expected = torch.stack([(weight.detach()[k].float() * ((ids == k).sum())) for k in range(vocab)])
+    torch.testing.assert_close(grad.float(), expected, rtol=1e-2, atol=0)
+
+
+EDGE_CASES = {
+    "nan-and-inf-propagate": dict(dim=4, poison=True),
+    "embedding-dim-1": dict(dim=1),
+    "embedding-dim-0": dict(dim=0),
+    "stride-0-ids": dict(dim=8, expanded=True),
+}
+
+
+@pytest.mark.parametrize("options", EDGE_CASES.values(), ids=EDGE_CASES.keys())
+def test_documented_results_for_edge_cases(options, backend, device):
+    dim = options["dim"]
+    weight = torch.randn(6, dim, device=device)
+    if options.get("poison"):
+        weight[2, 1], weight[3, 0] = float("nan"), float("inf")
+    ids = torch.tensor([2, 3, 1], device=device)
+    if options.get("expanded"):
+        ids = torch.tensor([4], device=device).expand(3, 5)  # every element aliases one int
+    out = embedfast.fused_input_embedding(ids, weight, position="sinusoidal", sinusoid_layout="concat", backend=backend)
+    expected = embedfast.fused_input_embedding(ids.contiguous(), weight.double(), position="sinusoidal",
+                                               sinusoid_layout="concat", backend="reference")
+    assert out.shape == (*ids.shape, dim)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_check_bounds_false_still_checks_on_cpu(backend):
+    weight = torch.randn(5, 4)
+    with pytest.raises(IndexError, match="input_ids contains 5"):
+        embedfast.fused_input_embedding(torch.tensor([1, 5]), weight, check_bounds=False, backend=backend)
