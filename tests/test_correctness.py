@@ -17,6 +17,8 @@ CASES = {
     "no-position-no-scale": Case(position="none", scale=None, padding_idx=3, ids_dtype=torch.int32),
     "default-token-types": Case(segments=2, explicit_token_types=False, scale=0.5),
     "many-segments": Case(shape=(3, 7), segments=20, padding_idx=4),
+    "sinusoid-shared-table": Case(shape=(6, 5), dim=16, past_length=2),  # >= 4 sequences: the CPU kernel's table
+    "sinusoid-long-rotation": Case(shape=(2, 600), dim=9, layout="concat", past_length=100),  # crosses exact seeds
     "dense-grad": Case(shape=(4, 8), position="learned", max_positions=8, segments=2, padding_idx=1, sparse=False),
     "noncontiguous": Case(shape=(3, 4), segments=2, noncontiguous=True),
     "empty": Case(shape=(0,), segments=2),
