@@ -1,9 +1,10 @@
 // CPU kernels of embedfast::forward_extension and embedfast::backward_extension.
 //
 // Forward: one parallel pass over tokens; each output row is written once from the token row, a float32
-// position row and a float32 segment row (tables in cache). Sinusoid rows are built per call for the
-// range of positions in use (exact seeds every kRotationSteps rows, a float64 rotation in between), which
-// costs ~1/batch of the main pass and keeps no state between calls.
+// position row and a float32 segment row (tables in cache). Sinusoid rows come from a float64 rotation
+// (exact seeds every kRotationSteps rows): for a batch of kTableMinSequences sequences or more, into a
+// per-call table of the positions in use (~1/batch of the main pass); for fewer, each thread rotates the
+// row along its own tokens and no table is built. No state is kept between calls.
 // Backward: one pass over grad_out writes the sparse values and reduces the segment gradient per
 // fixed block of tokens; dense token and learned-position gradients are summed per row after a stable
 // counting sort. Every reduction order depends only on the inputs, never on the thread count.
