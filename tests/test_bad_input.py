@@ -93,3 +93,29 @@ def test_functional_checks_tables():
         fused_input_embedding(ids("cpu", 1), weight, position="learned")
     with pytest.raises(ValueError, match="position_weight was given, but position='sinusoidal'"):
         fused_input_embedding(ids("cpu", 1), weight, position_weight=torch.randn(4, DIM))
+
+
+def table(device, *shape, dtype=torch.float32):
+    return torch.randn(*shape, device=device).to(dtype) if dtype.is_floating_point else torch.ones(*shape, dtype=dtype, device=device)
+
+
+FUNCTIONAL_BAD_CALLS = {
+    "integer-weight": (lambda d: ((ids(d, 1), table(d, VOCAB, DIM, dtype=torch.int64)), {}),
+                       TypeError, "weight must be float32, float16, bfloat16 or float64, got dtype torch.int64"),
+    "ids-not-a-tensor": (lambda d: (([1, 2], table(d, VOCAB, DIM)), {}), TypeError, "input_ids must be a torch.Tensor, got list"),
+    "padding-idx-out-of-range": (lambda d: ((ids(d, 1), table(d, VOCAB, DIM)), {"padding_idx": -21}),
+                                 ValueError, r"padding_idx must be within \[-20, 20\), got -21"),
+    "scale-not-a-number": (lambda d: ((ids(d, 1), table(d, VOCAB, DIM)), {"scale": [2.0]}),
+                           TypeError, r"scale must be 'sqrt', a float or None, got \[2.0\]"),
+    "3-d-position-table": (lambda d: ((ids(d, 1), table(d, VOCAB, DIM)), {"position": "learned", "position_weight": table(d, 4, DIM, 1)}),
+                           ValueError, "position_weight must be 2-D"),
+    "table-on-other-device": (lambda d: ((ids(d, 1), table(d, VOCAB, DIM)), {"segment_weight": table("meta", 2, DIM)}),
+                              ValueError, "segment_weight is on meta"),
+}
+
+
+@pytest.mark.parametrize("arguments, error, message", FUNCTIONAL_BAD_CALLS.values(), ids=FUNCTIONAL_BAD_CALLS.keys())
+def test_bad_functional_call_raises(arguments, error, message, backend, device):
+    args, kwargs = arguments(device)
+    with pytest.raises(error, match=message):
+        fused_input_embedding(*args, **kwargs, backend=backend)
