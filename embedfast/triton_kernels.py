@@ -11,7 +11,8 @@ Kernels:
   ``_grad_rows_kernel``     one pass over ``grad_out`` tiles: the sparse token-gradient values and,
                             for small segment tables, per-program segment partial sums.
   ``_sorted_sum_kernel``    dense row sums by sorted key (token, position or large segment
-                            gradients): one program per run of equal keys, summed in a fixed order.
+                            gradients): the program of the first token of each run of equal keys
+                            sums the run in token order; the others return at once.
 Every reduction has a fixed order, so gradients are bitwise reproducible; no float atomics.
 """
 
@@ -35,8 +36,8 @@ POSITION_CODES = {"none": 0, "learned": 1, "interleaved": 2, "concat": 2}
 MAX_REGISTER_SEGMENTS = 16
 
 
-def launch_config(dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(BLOCK_T, BLOCK_D, num_warps)`` for a table of ``dim`` columns of ``dtype``.
+def launch_config(dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_D, num_warps)`` for a table of ``dim`` columns, whatever its dtype.
 
     A tile holds ~4096 elements: 16 per thread with 8 warps, i.e. four 16-byte loads in flight per
     thread for fp32 (two for 16-bit types) at <= 86 registers (the sinusoid needs float64 angle
@@ -44,7 +45,6 @@ def launch_config(dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
     768 (BERT-base) splits into three full blocks instead of one 1024-wide block that is a quarter
     masked. The interpreter also prefers few, large programs.
     """
-    del dtype  # one tile size serves every storage type: 16-bit tiles just issue half the bytes
     block_d = min(triton.next_power_of_2(max(dim, 1)), 256)
     return max(4096 // block_d, 1), block_d, 8
 
@@ -248,7 +248,7 @@ def forward_triton(input_ids, weight, position_ids, position_weight, token_type_
     turns = phase = None
     if POSITION_CODES[position] == 2:
         turns, phase = _sinusoid_turns(dim, position, sinusoid_base, weight.device)
-    block_t, block_d, num_warps = launch_config(dim, weight.dtype)
+    block_t, block_d, num_warps = launch_config(dim)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
     wrap_triton(_forward_kernel)[grid](
         input_ids, weight, position_ids, position_weight, turns, phase, token_type_ids, segment_weight, out,
@@ -274,7 +274,7 @@ def _sorted_sum(grad: torch.Tensor, keys: torch.Tensor, num_rows: int, scale: fl
     starts_run[1:] = sorted_keys[1:] != sorted_keys[:-1]
     index = torch.arange(num_tokens, device=grad.device)
     run_end = torch.where(starts_run & (sorted_keys != skip_key), run_end, index)
-    _, block_d, _ = launch_config(dim, grad.dtype)
+    _, block_d, _ = launch_config(dim)
     num_warps = max(block_d // 128, 1)  # one row per program: 4 columns per thread
     wrap_triton(_sorted_sum_kernel)[(num_tokens, triton.cdiv(dim, block_d))](
         grad, order, sorted_keys, run_end, out, dim, scale, FP64=grad.dtype == torch.float64, BLOCK_D=block_d,
@@ -287,7 +287,7 @@ def _grad_rows(grad: torch.Tensor, token_type_ids: torch.Tensor | None, write_va
     """One pass over ``grad``: sparse values (or an empty (0, D)) and the (num_segments, D) segment sums."""
     num_tokens, dim = grad.shape
     values = torch.empty((num_tokens if write_values else 0, dim), dtype=grad.dtype, device=grad.device)
-    block_t, block_d, num_warps = launch_config(dim, grad.dtype)
+    block_t, block_d, num_warps = launch_config(dim)
     num_blocks = triton.cdiv(num_tokens, block_t)
     partials = torch.zeros((num_blocks, num_segments, dim), dtype=compute_dtype(grad.dtype), device=grad.device)
     if num_tokens > 0 and dim > 0 and (write_values or num_segments > 0):

@@ -31,7 +31,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 def variants():
     """(label, kernel, argument types, constexprs, num_warps) for the launches that matter: BERT-like, dim 768."""
     for dtype in ("fp32", "bf16"):
-        block_t, block_d, num_warps = tk.launch_config(768, None)
+        block_t, block_d, num_warps = tk.launch_config(768)
         for position, code in (("learned", 1), ("sinusoid", 2)):
             yield (f"forward-{dtype}-{position}", tk._forward_kernel,
                    {"ids_ptr": "*i32", "weight_ptr": f"*{dtype}", "position_ids_ptr": "*i32", "position_weight_ptr": f"*{dtype}",
