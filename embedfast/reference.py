@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .positions import default_position_ids, sinusoid_values
-from .validation import check_index_range, exact_checks
+from .validation import check_forward_indices
 
 
 def unfused_input_embedding(
@@ -49,26 +49,6 @@ def resolve_positions(position_ids: torch.Tensor | None, num_tokens: int, past_l
     if position_ids is None:
         return default_position_ids(num_tokens, seq_len, past_length, device)
     return position_ids.long()
-
-
-def check_forward_indices(
-    input_ids: torch.Tensor,
-    weight: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    position_weight: torch.Tensor | None,
-    max_positions: int,
-    token_type_ids: torch.Tensor | None,
-    segment_weight: torch.Tensor | None,
-    check_bounds: bool,
-) -> None:
-    """The index values the forward reads rows with, each against its table (see ``validation.check_index_range``)."""
-    exact = exact_checks(check_bounds, input_ids)
-    check_index_range("input_ids", input_ids, weight.shape[0], exact)
-    if position_ids is not None:
-        bound = position_weight.shape[0] if position_weight is not None else max_positions
-        check_index_range("position_ids", position_ids, bound if bound > 0 else None, exact)
-    if token_type_ids is not None:
-        check_index_range("token_type_ids", token_type_ids, segment_weight.shape[0], exact)
 
 
 def reference_forward(
@@ -130,7 +110,8 @@ def reference_backward(
     seq_len: int,
     check_bounds: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference implementation of ``embedfast::backward_*`` (see ``ops.py``)."""
+    """Reference implementation of ``embedfast::backward_*`` (see ``ops.py``); ``index_add_`` checks the
+    indices itself (``check_bounds`` has nothing left to choose)."""
     dtype, math_dtype = grad_out.dtype, compute_dtype(grad_out.dtype)
     num_tokens, dim = grad_out.shape
     grad = grad_out.to(math_dtype)

@@ -28,8 +28,8 @@ from torch.library import triton_op, wrap_triton
 
 from . import ops
 from .positions import sinusoid_frequencies
-from .reference import check_forward_indices, compute_dtype, resolve_positions
-from .validation import check_index_range, exact_checks
+from .reference import compute_dtype, resolve_positions
+from .validation import check_forward_indices, check_index_range, exact_checks
 
 POSITION_CODES = {"none": 0, "learned": 1, "interleaved": 2, "concat": 2}
 # segment tables up to this many rows are summed per program in registers; larger ones are sorted

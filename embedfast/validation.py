@@ -100,3 +100,23 @@ def resolve_scale(scale: str | float | None, embedding_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be 'sqrt', a float or None, got {scale!r}")
     return float(scale)
+
+
+def check_forward_indices(
+    input_ids: torch.Tensor,
+    weight: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    position_weight: torch.Tensor | None,
+    max_positions: int,
+    token_type_ids: torch.Tensor | None,
+    segment_weight: torch.Tensor | None,
+    check_bounds: bool,
+) -> None:
+    """The index values the forward reads rows with, each against its table (see ``check_index_range``)."""
+    exact = exact_checks(check_bounds, input_ids)
+    check_index_range("input_ids", input_ids, weight.shape[0], exact)
+    if position_ids is not None:
+        bound = position_weight.shape[0] if position_weight is not None else max_positions
+        check_index_range("position_ids", position_ids, bound if bound > 0 else None, exact)
+    if token_type_ids is not None:
+        check_index_range("token_type_ids", token_type_ids, segment_weight.shape[0], exact)
