@@ -102,7 +102,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def dense_grad(grad: torch.Tensor) -> torch.Tensor:
-    return grad.coalesce().to_dense() if grad.is_sparse else grad
+    """A sparse gradient summed in float64: its per-token values are what the operator computes; summing
+    duplicates in float16 (as ``coalesce`` would) adds rounding the operator is not responsible for."""
+    return grad.to(torch.float64).coalesce().to_dense() if grad.is_sparse else grad
 
 
 def assert_case_matches_truth(case: Case, dtype: torch.dtype, backend: str, device: str, generator: torch.Generator,
