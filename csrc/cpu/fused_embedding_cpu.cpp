@@ -56,6 +56,17 @@ inline void scale_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ g
   }
 }
 
+// scale_row and accumulate_row in one read of the row
+template <typename scalar_t>
+inline void scale_and_accumulate_row(scalar_t* __restrict__ out, float* __restrict__ acc, const scalar_t* __restrict__ grad,
+                                     float scale, int64_t dim) {
+  for (int64_t j = 0; j < dim; ++j) {
+    const float value = static_cast<float>(grad[j]);
+    out[j] = static_cast<scalar_t>(value * scale);
+    acc[j] += value;
+  }
+}
+
 template <typename scalar_t>
 inline void accumulate_row(float* __restrict__ acc, const scalar_t* __restrict__ grad, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) {
@@ -75,7 +86,11 @@ using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, floa
   EMBEDFAST_ROW_KERNEL void scale_rows(scalar_t* out, const scalar_t* grad, float scale, int64_t dim) {                  \
     scale_row(out, grad, scale, dim);                                                                                      \
   }                                                                                                                        \
-  EMBEDFAST_ROW_KERNEL void accumulate_rows(float* acc, const scalar_t* grad, int64_t dim) { accumulate_row(acc, grad, dim); }
+  EMBEDFAST_ROW_KERNEL void accumulate_rows(float* acc, const scalar_t* grad, int64_t dim) { accumulate_row(acc, grad, dim); } \
+  EMBEDFAST_ROW_KERNEL void scale_and_accumulate_rows(scalar_t* out, float* acc, const scalar_t* grad, float scale,       \
+                                                      int64_t dim) {                                                     \
+    scale_and_accumulate_row(out, acc, grad, scale, dim);                                                                  \
+  }
 
 EMBEDFAST_ROW_KERNELS(float)
 EMBEDFAST_ROW_KERNELS(c10::Half)
@@ -114,6 +129,13 @@ void scale_rows(double* out, const double* grad, double scale, int64_t dim) {
 }
 void accumulate_rows(double* acc, const double* grad, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) acc[j] += grad[j];
+}
+
+void scale_and_accumulate_rows(double* out, double* acc, const double* grad, double scale, int64_t dim) {
+  for (int64_t j = 0; j < dim; ++j) {
+    out[j] = grad[j] * scale;
+    acc[j] += grad[j];
+  }
 }
 
 // ---- positions ----
@@ -415,10 +437,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
           for (int64_t b = begin; b < end; ++b) {
             for (int64_t n = b * block; n < std::min(tokens, (b + 1) * block); ++n) {
               const scalar_t* row = grad + n * dim;
-              if (values != nullptr) scale_rows(values + n * dim, row, static_cast<acc_t>(scale), dim);
-              if (num_segments > 0) {
-                const int64_t segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
-                accumulate_rows(partial.data() + (b * num_segments + segment) * dim, row, dim);
+              const int64_t segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
+              acc_t* segment_sum = num_segments > 0 ? partial.data() + (b * num_segments + segment) * dim : nullptr;
+              if (values != nullptr && segment_sum != nullptr) {
+                scale_and_accumulate_rows(values + n * dim, segment_sum, row, static_cast<acc_t>(scale), dim);
+              } else if (values != nullptr) {
+                scale_rows(values + n * dim, row, static_cast<acc_t>(scale), dim);
+              } else {
+                accumulate_rows(segment_sum, row, dim);
               }
             }
           }
