@@ -92,7 +92,7 @@ def test_memory_forward_allocates_its_output_and_backward_the_sparse_gradient(po
     ids = torch.randint(0, 1000, (8, seq_len))
     types = torch.randint(0, 2, (8, seq_len))
     output_bytes = tokens * dim * 4
-    # the CPU extension's sinusoid: one exact (seq_len, dim) float32 table per call, rotated per row
+    # the CPU extension's sinusoid for a batch of >= 4 sequences: one (seq_len, dim) float32 table per call
     workspace = seq_len * dim * 4 if position == "sinusoidal" else 0
     assert _bytes_allocated(lambda: module(ids, types)) <= output_bytes + workspace + 64 * 1024
 
