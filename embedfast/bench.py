@@ -78,17 +78,13 @@ class Contenders:
         self.ids = torch.randint(0, p.vocab, (p.batch, p.seq_len), generator=generator).to(p.device)
         self.types = torch.randint(0, max(p.segments, 1), (p.batch, p.seq_len), generator=generator).to(p.device) if p.segments else None
         self.modules = {}
-        for name in backends:
+        for name in backends or ["reference"]:
             module = FusedInputEmbedding(p.vocab, p.dim, num_segments=p.segments, position=p.position,
                                          max_positions=p.seq_len if p.position == "learned" else None, backend=name,
                                          device=p.device, dtype=p.dtype)
             if self.modules:  # every contender shares the first module's tables
                 module.load_state_dict(next(iter(self.modules.values())).state_dict())
             self.modules[name] = module
-        if not self.modules:
-            self.modules["reference"] = FusedInputEmbedding(
-                p.vocab, p.dim, num_segments=p.segments, position=p.position,
-                max_positions=p.seq_len if p.position == "learned" else None, backend="reference", device=p.device, dtype=p.dtype)
         first = next(iter(self.modules.values()))
         self.scale = first.embed_scale
         self.weight, self.segment_weight, self.position_weight = first.weight, first.segment_weight, first.position_weight
@@ -106,7 +102,7 @@ class Contenders:
         """The unfused PyTorch a user would write: nn.Embedding(sparse=True) lookups, scale, adds."""
         return unfused_input_embedding(ids, self.weight, scale=self.scale, position_table=self.position_table,
                                        position_ids=self.positions if self.position_table is not None else None,
-                                       segment_weight=self.segment_weight, token_type_ids=self.types, sparse=True)
+                                       segment_weight=self.segment_weight, token_type_ids=types, sparse=True)
 
     def forward_fns(self) -> dict[str, Callable[[], torch.Tensor]]:
         fns = {f"embedfast[{name}]": (lambda m=module: m(self.ids, self.types)) for name, module in self.modules.items()}

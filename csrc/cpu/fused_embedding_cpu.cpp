@@ -41,58 +41,61 @@ constexpr int64_t kMaxBlocks = 256;
 
 // ---- row loops: the only code that touches every element ----
 
+// float64 tables (gradcheck) keep float64 math; every other storage type computes in float32.
 template <typename scalar_t>
-inline void combine_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ token, const float* __restrict__ position,
-                        const float* __restrict__ segment, float scale, int64_t dim) {
+using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t, typename acc_t = math_t<scalar_t>>
+inline void combine_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ token, const acc_t* __restrict__ position,
+                        const acc_t* __restrict__ segment, acc_t scale, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) {
-    out[j] = static_cast<scalar_t>(combine(static_cast<float>(token[j]), scale, position[j], segment[j]));
+    out[j] = static_cast<scalar_t>(combine(static_cast<acc_t>(token[j]), scale, position[j], segment[j]));
   }
 }
 
-template <typename scalar_t>
-inline void scale_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ grad, float scale, int64_t dim) {
+template <typename scalar_t, typename acc_t = math_t<scalar_t>>
+inline void scale_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ grad, acc_t scale, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) {
-    out[j] = static_cast<scalar_t>(static_cast<float>(grad[j]) * scale);
+    out[j] = static_cast<scalar_t>(static_cast<acc_t>(grad[j]) * scale);
   }
 }
 
 // scale_row and accumulate_row in one read of the row
-template <typename scalar_t>
-inline void scale_and_accumulate_row(scalar_t* __restrict__ out, float* __restrict__ acc, const scalar_t* __restrict__ grad,
-                                     float scale, int64_t dim) {
+template <typename scalar_t, typename acc_t = math_t<scalar_t>>
+inline void scale_and_accumulate_row(scalar_t* __restrict__ out, acc_t* __restrict__ acc, const scalar_t* __restrict__ grad,
+                                     acc_t scale, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) {
-    const float value = static_cast<float>(grad[j]);
+    const acc_t value = static_cast<acc_t>(grad[j]);
     out[j] = static_cast<scalar_t>(value * scale);
     acc[j] += value;
   }
 }
 
-template <typename scalar_t>
-inline void accumulate_row(float* __restrict__ acc, const scalar_t* __restrict__ grad, int64_t dim) {
+template <typename scalar_t, typename acc_t = math_t<scalar_t>>
+inline void accumulate_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ grad, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) {
-    acc[j] += static_cast<float>(grad[j]);
+    acc[j] += static_cast<acc_t>(grad[j]);
   }
 }
 
-// float64 tables (gradcheck) keep float64 math: the "float" rows are then double rows.
-template <typename scalar_t>
-using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 #define EMBEDFAST_ROW_KERNELS(scalar_t)                                                                                   \
-  EMBEDFAST_ROW_KERNEL void combine_rows(scalar_t* out, const scalar_t* token, const float* position,                    \
-                                         const float* segment, float scale, int64_t dim) {                               \
+  EMBEDFAST_ROW_KERNEL void combine_rows(scalar_t* out, const scalar_t* token, const math_t<scalar_t>* position,          \
+                                         const math_t<scalar_t>* segment, math_t<scalar_t> scale, int64_t dim) {         \
     combine_row(out, token, position, segment, scale, dim);                                                                \
   }                                                                                                                        \
-  EMBEDFAST_ROW_KERNEL void scale_rows(scalar_t* out, const scalar_t* grad, float scale, int64_t dim) {                  \
+  EMBEDFAST_ROW_KERNEL void scale_rows(scalar_t* out, const scalar_t* grad, math_t<scalar_t> scale, int64_t dim) {       \
     scale_row(out, grad, scale, dim);                                                                                      \
   }                                                                                                                        \
-  EMBEDFAST_ROW_KERNEL void accumulate_rows(float* acc, const scalar_t* grad, int64_t dim) { accumulate_row(acc, grad, dim); } \
-  EMBEDFAST_ROW_KERNEL void scale_and_accumulate_rows(scalar_t* out, float* acc, const scalar_t* grad, float scale,       \
-                                                      int64_t dim) {                                                     \
+  EMBEDFAST_ROW_KERNEL void accumulate_rows(math_t<scalar_t>* acc, const scalar_t* grad, int64_t dim) {                  \
+    accumulate_row(acc, grad, dim);                                                                                        \
+  }                                                                                                                        \
+  EMBEDFAST_ROW_KERNEL void scale_and_accumulate_rows(scalar_t* out, math_t<scalar_t>* acc, const scalar_t* grad,        \
+                                                      math_t<scalar_t> scale, int64_t dim) {                             \
     scale_and_accumulate_row(out, acc, grad, scale, dim);                                                                  \
   }
 
 EMBEDFAST_ROW_KERNELS(float)
+EMBEDFAST_ROW_KERNELS(double)
 EMBEDFAST_ROW_KERNELS(c10::Half)
 EMBEDFAST_ROW_KERNELS(c10::BFloat16)
 #undef EMBEDFAST_ROW_KERNELS
@@ -119,31 +122,7 @@ EMBEDFAST_ROW_KERNEL void rotate_row(double* row, double* sine, double* cosine, 
   rotate_row_impl(row, sine, cosine, step_sin, step_cos, dim);
 }
 
-// float64: the test dtype of gradcheck; plain loops, math in double
-void combine_rows(double* out, const double* token, const double* position, const double* segment, double scale,
-                  int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) out[j] = token[j] * scale + position[j] + segment[j];
-}
-void scale_rows(double* out, const double* grad, double scale, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) out[j] = grad[j] * scale;
-}
-void accumulate_rows(double* acc, const double* grad, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) acc[j] += grad[j];
-}
-
-void scale_and_accumulate_rows(double* out, double* acc, const double* grad, double scale, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) {
-    out[j] = grad[j] * scale;
-    acc[j] += grad[j];
-  }
-}
-
 // ---- positions ----
-
-template <typename index_t>
-inline int64_t position_of(const index_t* position_ids, int64_t token, int64_t past_length, int64_t seq_len) {
-  return position_ids != nullptr ? static_cast<int64_t>(position_ids[token]) : past_length + token % seq_len;
-}
 
 std::vector<SinusoidColumn> sinusoid_columns(int64_t dim, PositionMode layout, double log_base) {
   std::vector<SinusoidColumn> columns(dim);

@@ -48,7 +48,7 @@ __device__ __forceinline__ void store_chunk(scalar_t* p, const Chunk<scalar_t, k
 template <typename scalar_t>
 using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Sine of an angle already reduced to [-pi, 3pi/2]: __sinf there is within 4e-7 of the true value and,
+// Sine of an angle already reduced to [-pi, pi] (sinusoid_angle): __sinf there is within 4e-7 of the true value and,
 // unlike sinf, has no slow path for huge arguments (which needs a stack frame). float64 tables keep ::sin.
 template <typename acc>
 __device__ __forceinline__ acc sine(double reduced_angle) {
@@ -57,12 +57,6 @@ __device__ __forceinline__ acc sine(double reduced_angle) {
   } else {
     return __sinf(static_cast<float>(reduced_angle));
   }
-}
-
-template <typename index_t>
-__device__ __forceinline__ int64_t position_of(const index_t* position_ids, int64_t n, int64_t past_length,
-                                               int64_t seq_len) {
-  return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : past_length + n % seq_len;
 }
 
 template <typename scalar_t, typename index_t, int kVec>
@@ -106,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       Chunk<scalar_t, kVec> result;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        result.v[k] = static_cast<scalar_t>(static_cast<acc>(token.v[k]) * scale + position[k] + segment[k]);
+        result.v[k] = static_cast<scalar_t>(combine(static_cast<acc>(token.v[k]), scale, position[k], segment[k]));
       }
       store_chunk<scalar_t, kVec>(out + n * dim + col, result);
     }
@@ -188,15 +182,18 @@ bool exact_checks(bool check_bounds) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// 16-byte chunks when every row start is 16-byte aligned, else one element per thread.
-template <typename scalar_t>
-int vector_width(int64_t dim, std::initializer_list<const void*> pointers) {
+// launch(std::integral_constant<int, kVec>{}) with 16-byte chunks (kVec = 16 / sizeof(scalar_t)) when every row
+// start of the given tables is 16-byte aligned, else with one element per thread (kVec = 1).
+template <typename scalar_t, typename Launch>
+void launch_vectorized(int64_t dim, std::initializer_list<const void*> pointers, const Launch& launch) {
   constexpr int kWide = 16 / sizeof(scalar_t);
-  if (dim % kWide != 0) return 1;
-  for (const void* p : pointers) {
-    if (p != nullptr && !aligned16(p)) return 1;
+  bool wide = dim % kWide == 0;
+  for (const void* p : pointers) wide = wide && (p == nullptr || aligned16(p));
+  if (wide) {
+    launch(std::integral_constant<int, kWide>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
   }
-  return kWide;
 }
 
 dim3 row_grid(int64_t chunks, int64_t rows, dim3 block) {
@@ -233,8 +230,7 @@ at::Tensor forward_cuda(const at::Tensor& input_ids, const at::Tensor& weight, c
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "embedfast_forward_cuda", [&] {
       const scalar_t* pos_table = position_weight.has_value() ? position_weight->data_ptr<scalar_t>() : nullptr;
       const scalar_t* seg_table = segment_weight.has_value() ? segment_weight->data_ptr<scalar_t>() : nullptr;
-      const int vec = vector_width<scalar_t>(dim, {weight.data_ptr(), out.data_ptr(), pos_table, seg_table});
-      auto launch = [&](auto vec_constant) {
+      launch_vectorized<scalar_t>(dim, {weight.data_ptr(), out.data_ptr(), pos_table, seg_table}, [&](auto vec_constant) {
         constexpr int kVec = decltype(vec_constant)::value;
         const dim3 block = row_block(dim / kVec);
         forward_kernel<scalar_t, index_t, kVec><<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
@@ -243,12 +239,7 @@ at::Tensor forward_cuda(const at::Tensor& input_ids, const at::Tensor& weight, c
             static_cast<acc_t<scalar_t>>(scale), mode,
             sinusoid_log_step(dim, mode, std::log(sinusoid_base)), past_length, seq_len);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-      };
-      if (vec == 1) {
-        launch(std::integral_constant<int, 1>{});
-      } else {
-        launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-      }
+      });
     });
   });
   return out;
@@ -302,8 +293,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
         const int reduced_segments = segments_in_registers ? static_cast<int>(num_segments) : 0;
         at::Tensor partials = at::empty({reduced_segments > 0 ? blocks : 0, reduced_segments, dim},
                                         grad_out.options().dtype(c10::CppTypeToScalarType<acc>::value));
-        const int vec = vector_width<scalar_t>(dim, {grad_out.data_ptr(), values.data_ptr()});
-        auto launch = [&](auto vec_constant) {
+        launch_vectorized<scalar_t>(dim, {grad_out.data_ptr(), values.data_ptr()}, [&](auto vec_constant) {
           constexpr int kVec = decltype(vec_constant)::value;
           const int64_t chunks = dim / kVec;
           const int threads = static_cast<int>(std::min<int64_t>(kThreads, (chunks + 31) / 32 * 32));
@@ -313,12 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
               sparse ? values.data_ptr<scalar_t>() : nullptr, partials.data_ptr<acc>(), tokens, dim, reduced_segments,
               static_cast<acc>(scale));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        };
-        if (vec == 1) {
-          launch(std::integral_constant<int, 1>{});
-        } else {
-          launch(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
-        }
+        });
         if (reduced_segments > 0) {
           const int64_t size = num_segments * dim;
           sum_partials_kernel<scalar_t><<<static_cast<unsigned>((size + kThreads - 1) / kThreads), kThreads, 0, stream>>>(

@@ -48,9 +48,17 @@ C10_HOST_DEVICE inline double sinusoid_angle(int64_t pos, const SinusoidColumn& 
   return angle - kTwoPi * ::rint(angle * kInvTwoPi);
 }
 
-// The fused value, in the order of the unfused reference: (w * scale + p) + s, all fp32.
-C10_HOST_DEVICE inline float combine(float token, float scale, float position, float segment) {
+// The fused value, in the order of the unfused reference: (w * scale + p) + s, in the math type (fp32, or fp64
+// for fp64 tables).
+template <typename T>
+C10_HOST_DEVICE inline T combine(T token, T scale, T position, T segment) {
   return token * scale + position + segment;
+}
+
+// Position of token n: position_ids[n], or past_length + n % seq_len for a flattened (..., seq_len) batch.
+template <typename index_t>
+C10_HOST_DEVICE inline int64_t position_of(const index_t* position_ids, int64_t n, int64_t past_length, int64_t seq_len) {
+  return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : past_length + n % seq_len;
 }
 
 }  // namespace embedfast
