@@ -132,26 +132,33 @@ class Contenders:
             segment_weight=None if self.segment_weight is None else self.segment_weight.double(), token_type_ids=self.types)
 
 
-def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn`` in ms: CUDA events on CUDA, a monotonic clock on CPU."""
-    for _ in range(warmup):
+def time_once_ms(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one call of ``fn`` in ms: CUDA events on CUDA, a monotonic clock on CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    samples = []
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1e3
+
+
+def time_side_by_side(fns: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int) -> dict[str, float]:
+    """Median time of each callable in ms, sampled in rounds (one call of each per round), so that a machine
+    that slows down or speeds up during the run shifts every contender alike and the ratios hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_once_ms(fn, device))
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def run(problem: Problem, backends: list[str], directions: list[str], warmup: int, repeats: int,
@@ -161,21 +168,21 @@ def run(problem: Problem, backends: list[str], directions: list[str], warmup: in
         expected = contenders.truth()
     tol = TOLERANCE[problem.dtype]
     results = []
-    forward_fns = contenders.forward_fns()
+    forward_fns = {}
+    for name, forward in contenders.forward_fns().items():
+        if name != "floor":
+            with torch.no_grad():
+                error = float((forward().double() - expected).abs().max())
+            if error > tol * float(expected.abs().max()):
+                results += [Result(name, d, None, None, status=f"MISMATCH (max error {error:.3g})") for d in directions]
+                continue
+        forward_fns[name] = forward
     for direction in directions:
+        progress(f"{direction:8s} {', '.join(forward_fns)}")
+        fns = {name: (_no_grad(forward) if name != "floor" else forward) if direction == "forward"
+               else contenders.backward_fn(name, forward) for name, forward in forward_fns.items()}
         nbytes = problem.bytes_moved(direction)
-        for name, forward in forward_fns.items():
-            progress(f"{direction:8s} {name}")
-            if name != "floor":
-                with torch.no_grad():
-                    error = float((forward().double() - expected).abs().max())
-                if error > tol * float(expected.abs().max()):
-                    results.append(Result(name, direction, None, None, status=f"MISMATCH (max error {error:.3g})"))
-                    continue
-            fn = forward if direction == "forward" else contenders.backward_fn(name, forward)
-            if direction == "forward" and name != "floor":
-                fn = _no_grad(fn)
-            ms = time_ms(fn, problem.device, warmup, repeats)
+        for name, ms in time_side_by_side(fns, problem.device, warmup, repeats).items():
             results.append(Result(name, direction, ms, nbytes / ms / 1e6))
     _add_ratios(results)
     return results

@@ -149,3 +149,27 @@ def test_check_bounds_false_still_checks_on_cpu(backend):
     weight = torch.randn(5, 4)
     with pytest.raises(IndexError, match="input_ids contains 5"):
         embedfast.fused_input_embedding(torch.tensor([1, 5]), weight, check_bounds=False, backend=backend)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the Triton interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nan_and_inf_reach_their_columns_in_blocks_and_tails(dtype, backend, device):
+    """NaN and Inf in the tables, Inf - Inf, and a NaN scale propagate to exactly their output elements and
+    sparse gradient values, in the CPU kernel's 16-column vector blocks (columns 1, 20) and its tail (37)."""
+    nan, inf = float("nan"), float("inf")
+    weight = torch.randn(6, 40).to(dtype)
+    segments = torch.randn(2, 40).to(dtype)
+    weight[2, 1], weight[2, 20], weight[3, 37], weight[4, 5], segments[1, 5] = nan, inf, nan, inf, -inf
+    weight, segments = weight.to(device).requires_grad_(), segments.to(device)
+    ids, types = torch.tensor([2, 3, 4, 1], device=device), torch.tensor([0, 0, 1, 1], device=device)
+    grad = torch.randn(4, 40, device=device).to(dtype)
+    grad[1, 3], grad[2, 38] = nan, -inf
+    for scale in (2.0, nan):
+        kwargs = dict(segment_weight=segments, token_type_ids=types, position="none", scale=scale)
+        out = embedfast.fused_input_embedding(ids, weight, backend=backend, **kwargs)
+        expected = embedfast.fused_input_embedding(ids, weight.detach().double(), backend="reference",
+                                                   **{**kwargs, "segment_weight": segments.double()})
+        torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2, equal_nan=True)
+        values = torch.autograd.grad(out, weight, grad)[0].coalesce().values()
+        torch.testing.assert_close(values.double(), (grad.double() * scale)[[3, 0, 1, 2]], rtol=1e-2, atol=1e-2,
+                                   equal_nan=True)

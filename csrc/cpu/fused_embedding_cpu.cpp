@@ -1,10 +1,12 @@
 // CPU kernels of embedfast::forward_extension and embedfast::backward_extension.
 //
-// Forward: one parallel pass over tokens; each output row is written once from the token row, a float32
-// position row and a float32 segment row (tables in cache). Sinusoid rows come from a float64 rotation
-// (exact seeds every kRotationSteps rows): for a batch of kTableMinSequences sequences or more, into a
-// per-call table of the positions in use (~1/batch of the main pass); for fewer, each thread rotates the
-// row along its own tokens and no table is built. No state is kept between calls.
+// Forward: one parallel pass over tokens; each output row is written once from the token row (prefetched a
+// few rows ahead), a float32 position row and a float32 segment row, around the caches when the output is big
+// (row_loops.h). With default positions the pass goes tile by tile of kTilePositions positions, every sequence's
+// run of tokens in the tile before the next tile (Walk), so a thread makes a tile's sinusoid rows once for the
+// whole batch, by a float64 rotation along its positions (exact seeds every kRotationSteps rows), and no table
+// is built. Explicit position_ids go in token order with a per-call table of the positions in use. No state is
+// kept between calls.
 // Backward: one pass over grad_out writes the sparse values and reduces the segment gradient per
 // fixed block of tokens; dense token and learned-position gradients are summed per row after a stable
 // counting sort. Every reduction order depends only on the inputs, never on the thread count.
@@ -20,115 +22,41 @@
 
 #include "embedfast/checks.h"
 #include "embedfast/kernel_math.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// the row loops are compiled for AVX2+FMA+F16C and for the baseline; the loader picks one per machine
-#define EMBEDFAST_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EMBEDFAST_ROW_KERNEL
-#endif
+#include "row_loops.h"
 
 namespace embedfast {
 namespace {
 
-constexpr int64_t kRotationSteps = 256;    // sinusoid rows between exact seeds
-// Default sinusoid positions: a (seq_len, dim) table per call pays off from this many sequences on (measured:
-// BERT-base 32 x 512 fp32 9.4 ms with the table, 13.5 ms rotating per token; one 8192-token sequence 8.7 ms
-// with the table, 5.1 ms rotating).
-constexpr int64_t kTableMinSequences = 4;
+constexpr int64_t kRotationSteps = 256;      // sinusoid rows between exact seeds
+constexpr int64_t kTilePositions = 16;       // forward tile of default positions (Walk)
+constexpr int64_t kPrefetchRows = 2;         // token rows asked for ahead of use (measured: 1 and 2 alike, 4 slower)
 constexpr int64_t kMinTokensPerBlock = 256;  // backward reduction blocks
 constexpr int64_t kMaxBlocks = 256;
 
-// ---- row loops: the only code that touches every element ----
-
-// float64 tables (gradcheck) keep float64 math; every other storage type computes in float32.
-template <typename scalar_t>
-using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-template <typename scalar_t, typename acc_t = math_t<scalar_t>>
-inline void combine_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ token, const acc_t* __restrict__ position,
-                        const acc_t* __restrict__ segment, acc_t scale, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) {
-    out[j] = static_cast<scalar_t>(combine(static_cast<acc_t>(token[j]), scale, position[j], segment[j]));
-  }
-}
-
-template <typename scalar_t, typename acc_t = math_t<scalar_t>>
-inline void scale_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ grad, acc_t scale, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) {
-    out[j] = static_cast<scalar_t>(static_cast<acc_t>(grad[j]) * scale);
-  }
-}
-
-// scale_row and accumulate_row in one read of the row
-template <typename scalar_t, typename acc_t = math_t<scalar_t>>
-inline void scale_and_accumulate_row(scalar_t* __restrict__ out, acc_t* __restrict__ acc, const scalar_t* __restrict__ grad,
-                                     acc_t scale, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) {
-    const acc_t value = static_cast<acc_t>(grad[j]);
-    out[j] = static_cast<scalar_t>(value * scale);
-    acc[j] += value;
-  }
-}
-
-template <typename scalar_t, typename acc_t = math_t<scalar_t>>
-inline void accumulate_row(acc_t* __restrict__ acc, const scalar_t* __restrict__ grad, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) {
-    acc[j] += static_cast<acc_t>(grad[j]);
-  }
-}
-
-#define EMBEDFAST_ROW_KERNELS(scalar_t)                                                                                   \
-  EMBEDFAST_ROW_KERNEL void combine_rows(scalar_t* out, const scalar_t* token, const math_t<scalar_t>* position,          \
-                                         const math_t<scalar_t>* segment, math_t<scalar_t> scale, int64_t dim) {         \
-    combine_row(out, token, position, segment, scale, dim);                                                                \
-  }                                                                                                                        \
-  EMBEDFAST_ROW_KERNEL void scale_rows(scalar_t* out, const scalar_t* grad, math_t<scalar_t> scale, int64_t dim) {       \
-    scale_row(out, grad, scale, dim);                                                                                      \
-  }                                                                                                                        \
-  EMBEDFAST_ROW_KERNEL void accumulate_rows(math_t<scalar_t>* acc, const scalar_t* grad, int64_t dim) {                  \
-    accumulate_row(acc, grad, dim);                                                                                        \
-  }                                                                                                                        \
-  EMBEDFAST_ROW_KERNEL void scale_and_accumulate_rows(scalar_t* out, math_t<scalar_t>* acc, const scalar_t* grad,        \
-                                                      math_t<scalar_t> scale, int64_t dim) {                             \
-    scale_and_accumulate_row(out, acc, grad, scale, dim);                                                                  \
-  }
-
-EMBEDFAST_ROW_KERNELS(float)
-EMBEDFAST_ROW_KERNELS(double)
-EMBEDFAST_ROW_KERNELS(c10::Half)
-EMBEDFAST_ROW_KERNELS(c10::BFloat16)
-#undef EMBEDFAST_ROW_KERNELS
-
-// row = sin(theta); theta += step, as a float64 rotation of (sin, cos) per column.
-template <typename out_t>
-inline void rotate_row_impl(out_t* __restrict__ row, double* __restrict__ sine, double* __restrict__ cosine,
-                            const double* __restrict__ step_sin, const double* __restrict__ step_cos, int64_t dim) {
-  for (int64_t j = 0; j < dim; ++j) {
-    row[j] = static_cast<out_t>(sine[j]);
-    const double next_sine = sine[j] * step_cos[j] + cosine[j] * step_sin[j];
-    cosine[j] = cosine[j] * step_cos[j] - sine[j] * step_sin[j];
-    sine[j] = next_sine;
-  }
-}
-
-EMBEDFAST_ROW_KERNEL void rotate_row(float* row, double* sine, double* cosine, const double* step_sin,
-                                     const double* step_cos, int64_t dim) {
-  rotate_row_impl(row, sine, cosine, step_sin, step_cos, dim);
-}
-
-EMBEDFAST_ROW_KERNEL void rotate_row(double* row, double* sine, double* cosine, const double* step_sin,
-                                     const double* step_cos, int64_t dim) {
-  rotate_row_impl(row, sine, cosine, step_sin, step_cos, dim);
-}
-
 // ---- positions ----
 
-std::vector<SinusoidColumn> sinusoid_columns(int64_t dim, PositionMode layout, double log_base) {
+// The sinusoid columns in the kernel column order `order` (row_loops.h): every table and rotated row built from
+// them is then in that order too.
+std::vector<SinusoidColumn> sinusoid_columns(const std::vector<int64_t>& order, PositionMode layout, double log_base) {
+  const int64_t dim = static_cast<int64_t>(order.size());
   std::vector<SinusoidColumn> columns(dim);
   const double log_step = sinusoid_log_step(dim, layout, log_base);
-  for (int64_t j = 0; j < dim; ++j) columns[j] = sinusoid_column(j, dim, layout, log_step);
+  for (int64_t j = 0; j < dim; ++j) columns[j] = sinusoid_column(order[j], dim, layout, log_step);
   return columns;
+}
+
+// A table's rows in the math dtype and the kernel column order (the table itself when that is what it holds).
+at::Tensor side_rows(const at::Tensor& table, at::ScalarType math_dtype) {
+  if (!lane_order(table.scalar_type())) return table.to(math_dtype).contiguous();
+  const at::Tensor source = table.contiguous();
+  at::Tensor rows = at::empty(source.sizes(), source.options().dtype(at::kFloat));
+  const int64_t dim = source.size(1);
+  at::parallel_for(0, source.size(0), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      widen_row(rows.data_ptr<float>() + r * dim, source.data_ptr<c10::BFloat16>() + r * dim, dim);
+    }
+  });
+  return rows;
 }
 
 // The sinusoid row of one position, moved to the next position by a float64 rotation per column
@@ -176,10 +104,9 @@ class SinusoidRotation {
 };
 
 // Rows [first, first + rows) of the sinusoid table: an exact seed every kRotationSteps rows, rotations between.
-at::Tensor sinusoid_range(int64_t first, int64_t rows, int64_t dim, PositionMode layout, double log_base,
-                          at::ScalarType dtype) {
+at::Tensor sinusoid_range(int64_t first, int64_t rows, const std::vector<SinusoidColumn>& columns, at::ScalarType dtype) {
+  const int64_t dim = static_cast<int64_t>(columns.size());
   at::Tensor table = at::empty({rows, dim}, at::TensorOptions().dtype(dtype));
-  const auto columns = sinusoid_columns(dim, layout, log_base);
   AT_DISPATCH_FLOATING_TYPES(dtype, "sinusoid_range", [&] {
     scalar_t* data = table.data_ptr<scalar_t>();
     const int64_t blocks = (rows + kRotationSteps - 1) / kRotationSteps;
@@ -199,10 +126,10 @@ at::Tensor sinusoid_range(int64_t first, int64_t rows, int64_t dim, PositionMode
 
 // One exact row per token: for positions spread wider than the number of tokens.
 template <typename index_t>
-at::Tensor sinusoid_per_token(const index_t* position_ids, int64_t tokens, int64_t dim, PositionMode layout,
-                              double log_base, at::ScalarType dtype) {
+at::Tensor sinusoid_per_token(const index_t* position_ids, int64_t tokens, const std::vector<SinusoidColumn>& columns,
+                              at::ScalarType dtype) {
+  const int64_t dim = static_cast<int64_t>(columns.size());
   at::Tensor table = at::empty({tokens, dim}, at::TensorOptions().dtype(at::kDouble));
-  const auto columns = sinusoid_columns(dim, layout, log_base);
   double* data = table.data_ptr<double>();
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -214,19 +141,19 @@ at::Tensor sinusoid_per_token(const index_t* position_ids, int64_t tokens, int64
   return table.to(dtype);
 }
 
-// The position term as math-dtype rows, and how a token finds its row.
+// The position term as math-dtype rows in the kernel column order, and how a token finds its row.
 struct PositionRows {
   at::Tensor table;            // keeps the rows alive
   int64_t first = 0;           // row r holds position first + r
   bool per_token = false;      // row n holds token n's position
   bool constant_row = false;   // one zero row for every token
-  bool rotate = false;         // no table: each thread rotates the sinusoid row along its tokens (forward_cpu)
+  bool rotate = false;         // default sinusoid positions: each thread rotates the row along its positions
 };
 
 template <typename index_t>
 PositionRows position_rows(PositionMode mode, const std::optional<at::Tensor>& position_ids,
-                           const std::optional<at::Tensor>& position_weight, int64_t tokens, int64_t dim,
-                           double sinusoid_base, int64_t past_length, int64_t seq_len, at::ScalarType math_dtype) {
+                           const std::optional<at::Tensor>& position_weight, int64_t tokens,
+                           const std::vector<SinusoidColumn>& sinusoid, int64_t dim, at::ScalarType math_dtype) {
   PositionRows rows;
   if (mode == PositionMode::kNone) {
     rows.table = at::zeros({1, dim}, at::TensorOptions().dtype(math_dtype));
@@ -234,36 +161,29 @@ PositionRows position_rows(PositionMode mode, const std::optional<at::Tensor>& p
     return rows;
   }
   if (mode == PositionMode::kLearned) {
-    rows.table = position_weight->to(math_dtype).contiguous();
+    rows.table = side_rows(*position_weight, math_dtype);
     return rows;
   }
-  if (!position_ids.has_value() && tokens < kTableMinSequences * seq_len) {
-    rows.rotate = true;  // too few sequences to share a table's cost
+  if (!position_ids.has_value()) {
+    rows.rotate = true;
     return rows;
   }
-  int64_t low = past_length, high = past_length + std::min(seq_len, tokens) - 1;
-  if (position_ids.has_value()) {
-    const auto [lo, hi] = at::aminmax(*position_ids);
-    low = lo.item<int64_t>();
-    high = hi.item<int64_t>();
-  }
+  const auto [lo, hi] = at::aminmax(*position_ids);
+  const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
   if (high - low + 1 <= tokens) {
-    rows.table = sinusoid_range(low, high - low + 1, dim, mode, std::log(sinusoid_base), math_dtype);
+    rows.table = sinusoid_range(low, high - low + 1, sinusoid, math_dtype);
     rows.first = low;
   } else {
-    rows.table = sinusoid_per_token(position_ids->data_ptr<index_t>(), tokens, dim, mode, std::log(sinusoid_base),
-                                    math_dtype);
+    rows.table = sinusoid_per_token(position_ids->data_ptr<index_t>(), tokens, sinusoid, math_dtype);
     rows.per_token = true;
   }
   return rows;
 }
 
-template <typename index_t>
-inline int64_t position_row(const PositionRows& rows, const index_t* position_ids, int64_t token, int64_t past_length,
-                            int64_t seq_len) {
+inline int64_t position_row(const PositionRows& rows, int64_t token, int64_t position) {
   if (rows.constant_row) return 0;
   if (rows.per_token) return token;
-  return position_of(position_ids, token, past_length, seq_len) - rows.first;
+  return position - rows.first;
 }
 
 // Exact sinusoid rows (sine, then cosine, float64) of positions past_length + k * kRotationSteps, for every
@@ -281,6 +201,28 @@ std::vector<double> rotation_seeds(const std::vector<SinusoidColumn>& columns, i
   });
   return rows;
 }
+
+// The forward's walk over tokens, in units of up to kTilePositions consecutive tokens of one sequence, tile
+// by tile: every sequence's tokens at offsets [first, first + kTilePositions), then the next tile. A thread
+// then makes (or reads) a tile's position rows once for the whole batch, and still writes output rows in
+// runs. Explicit position_ids: one sequence of all tokens, i.e. token order.
+struct Walk {
+  int64_t tokens;
+  int64_t period;     // default positions are past_length + [0, period)
+  int64_t sequences;  // ceil(tokens / period)
+
+  static Walk over(int64_t tokens, int64_t seq_len, bool default_positions) {
+    const int64_t period = default_positions ? std::min(seq_len, tokens) : tokens;
+    return {tokens, period, (tokens + period - 1) / period};
+  }
+  int64_t units() const { return (period + kTilePositions - 1) / kTilePositions * sequences; }
+  int64_t first_offset(int64_t unit) const { return unit / sequences * kTilePositions; }
+  int64_t first_token(int64_t unit) const { return unit % sequences * period + first_offset(unit); }
+  // tokens in a unit: fewer at the end of a sequence and in a ragged last sequence
+  int64_t length(int64_t unit) const {
+    return std::min({kTilePositions, period - first_offset(unit), tokens - first_token(unit)});
+  }
+};
 
 template <typename index_t>
 const index_t* data_or_null(const std::optional<at::Tensor>& tensor) {
@@ -303,11 +245,16 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
   at::Tensor out = at::empty({tokens, dim}, weight.options());
   if (tokens == 0 || dim == 0) return out;
   const at::ScalarType math_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const std::vector<int64_t> order = column_order(weight.scalar_type(), dim);
+  const bool sinusoidal = mode == PositionMode::kInterleaved || mode == PositionMode::kConcat;
+  const auto columns = sinusoidal ? sinusoid_columns(order, mode, std::log(sinusoid_base)) : std::vector<SinusoidColumn>();
+
+  const Walk walk = Walk::over(tokens, seq_len, !position_ids.has_value());
 
   AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_forward_cpu", [&] {
-    const PositionRows positions = position_rows<index_t>(mode, position_ids, position_weight, tokens, dim,
-                                                          sinusoid_base, past_length, seq_len, math_dtype);
-    const at::Tensor segments = segment_weight.has_value() ? segment_weight->to(math_dtype).contiguous()
+    const PositionRows positions = position_rows<index_t>(mode, position_ids, position_weight, tokens, columns, dim,
+                                                          math_dtype);
+    const at::Tensor segments = segment_weight.has_value() ? side_rows(*segment_weight, math_dtype)
                                                            : at::zeros({1, dim}, weight.options().dtype(math_dtype));
     const index_t* ids = input_ids.data_ptr<index_t>();
     const index_t* pos_ids = data_or_null<index_t>(position_ids);
@@ -318,36 +265,52 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
       const acc_t* position_table = positions.rotate ? nullptr : positions.table.data_ptr<acc_t>();
       const acc_t* segment_table = segments.data_ptr<acc_t>();
       scalar_t* output = out.data_ptr<scalar_t>();
-      const auto columns = positions.rotate ? sinusoid_columns(dim, mode, std::log(sinusoid_base))
-                                            : std::vector<SinusoidColumn>();
-      const auto seeds = positions.rotate ? rotation_seeds(columns, past_length, std::min(seq_len, tokens))
-                                          : std::vector<double>();
-      at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / dim), [&](int64_t begin, int64_t end) {
+      const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+      const bool stream = stream_output(out.nbytes());
+      const auto seeds = positions.rotate ? rotation_seeds(columns, past_length, walk.period) : std::vector<double>();
+      const int64_t grain = std::max<int64_t>(1, 16384 / (dim * kTilePositions));
+      at::parallel_for(0, walk.units(), grain, [&](int64_t begin, int64_t end) {
         std::optional<SinusoidRotation> rotation;
-        std::vector<acc_t> rotated_row;
+        std::vector<acc_t> tile_rows;  // sinusoid rows of the current tile's offsets
+        int64_t tile_first = -1, rotation_at = -1;
         if (positions.rotate) {
           rotation.emplace(columns);
-          rotated_row.resize(dim);
+          tile_rows.resize(kTilePositions * dim);
         }
-        for (int64_t n = begin; n < end; ++n) {
-          const acc_t* position_row_data;
-          if (positions.rotate) {  // an exact seed at every sequence start and every kRotationSteps positions
-            const int64_t offset = n % seq_len;
-            if (offset % kRotationSteps == 0) {
-              const int64_t k = offset / kRotationSteps;
-              rotation->restore(seeds.data() + 2 * k * dim, seeds.data() + (2 * k + 1) * dim);
-            } else if (n == begin) {
-              rotation->seek(past_length + offset);
+        for (int64_t unit = begin; unit < end; ++unit) {
+          const int64_t first = walk.first_offset(unit), n0 = walk.first_token(unit), length = walk.length(unit);
+          if (positions.rotate && first != tile_first) {  // exact seeds every kRotationSteps offsets and after jumps
+            for (int64_t k = first; k < std::min(walk.period, first + kTilePositions); ++k) {
+              if (k % kRotationSteps == 0) {
+                const int64_t seed = k / kRotationSteps;
+                rotation->restore(seeds.data() + 2 * seed * dim, seeds.data() + (2 * seed + 1) * dim);
+              } else if (k != rotation_at) {
+                rotation->seek(past_length + k);
+              }
+              rotation->emit_and_advance(tile_rows.data() + (k - first) * dim);
+              rotation_at = k + 1;
             }
-            rotation->emit_and_advance(rotated_row.data());
-            position_row_data = rotated_row.data();
-          } else {
-            position_row_data = position_table + position_row(positions, pos_ids, n, past_length, seq_len) * dim;
+            tile_first = first;
           }
-          const int64_t segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
-          combine_rows(output + n * dim, table + static_cast<int64_t>(ids[n]) * dim, position_row_data,
-                       segment_table + segment * dim, static_cast<acc_t>(scale), dim);
+          // the token kPrefetchRows steps ahead may be in the next unit
+          const int64_t next_n0 = unit + 1 < end ? walk.first_token(unit + 1) : 0;
+          const int64_t next_length = unit + 1 < end ? walk.length(unit + 1) : 0;
+          for (int64_t i = 0; i < length; ++i) {
+            const int64_t n = n0 + i, ahead = i + kPrefetchRows;
+            if (ahead < length || ahead - length < next_length) {
+              const int64_t m = ahead < length ? n0 + ahead : next_n0 + ahead - length;
+              prefetch_row(table + static_cast<int64_t>(ids[m]) * dim, row_bytes);
+            }
+            const acc_t* position_row_data =
+                positions.rotate ? tile_rows.data() + i * dim
+                                 : position_table + position_row(positions, n, pos_ids != nullptr ? static_cast<int64_t>(pos_ids[n])
+                                                                                                  : past_length + first + i) * dim;
+            const int64_t segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
+            combine_rows(output + n * dim, table + static_cast<int64_t>(ids[n]) * dim, position_row_data,
+                         segment_table + segment * dim, static_cast<acc_t>(scale), dim, stream);
+          }
         }
+        if (stream) end_streaming();
       });
     });
   });
@@ -357,9 +320,11 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
 // ---- backward ----
 
 // out[r] = scale * sum of grad rows n with key(n) == r, summed in token order; rows with no token are zero.
+// `order` is the kernel column order of the float32 sums.
 template <typename scalar_t, typename Key>
-void sum_rows_by_key(const scalar_t* grad, int64_t tokens, int64_t dim, int64_t rows, Key key, double scale,
-                     scalar_t* out) {
+void sum_rows_by_key(const scalar_t* grad, int64_t tokens, const std::vector<int64_t>& order, int64_t rows, Key key,
+                     double scale, scalar_t* out) {
+  const int64_t dim = static_cast<int64_t>(order.size());
   using acc_t = math_t<scalar_t>;
   std::vector<int64_t> start(rows + 1, 0);
   for (int64_t n = 0; n < tokens; ++n) {
@@ -367,18 +332,21 @@ void sum_rows_by_key(const scalar_t* grad, int64_t tokens, int64_t dim, int64_t 
     if (r >= 0) ++start[r + 1];
   }
   for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
-  std::vector<int64_t> order(start[rows]);
+  std::vector<int64_t> sorted_tokens(start[rows]);
   std::vector<int64_t> cursor(start.begin(), start.end() - 1);
   for (int64_t n = 0; n < tokens; ++n) {
     const int64_t r = key(n);
-    if (r >= 0) order[cursor[r]++] = n;
+    if (r >= 0) sorted_tokens[cursor[r]++] = n;
   }
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim);
     for (int64_t r = begin; r < end; ++r) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t i = start[r]; i < start[r + 1]; ++i) accumulate_rows(acc.data(), grad + order[i] * dim, dim);
-      for (int64_t j = 0; j < dim; ++j) out[r * dim + j] = static_cast<scalar_t>(acc[j] * static_cast<acc_t>(scale));
+      for (int64_t i = start[r]; i < start[r + 1]; ++i) {
+        scale_or_accumulate_rows(static_cast<scalar_t*>(nullptr), acc.data(), grad + sorted_tokens[i] * dim, acc_t(1), dim,
+                                 false);
+      }
+      for (int64_t j = 0; j < dim; ++j) out[r * dim + order[j]] = static_cast<scalar_t>(acc[j] * static_cast<acc_t>(scale));
     }
   });
 }
@@ -394,6 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                               num_positions, num_segments);
   const int64_t tokens = grad_out.size(0), dim = grad_out.size(1);
   const bool sparse = token_grad == "sparse", dense = token_grad == "dense";
+  const std::vector<int64_t> order = column_order(grad_out.scalar_type(), dim);
   at::Tensor weight_grad = at::empty({sparse ? tokens : (dense ? num_embeddings : 0), dim}, grad_out.options());
   at::Tensor position_grad = at::empty({num_positions, dim}, grad_out.options());
   at::Tensor segment_grad = at::empty({num_segments, dim}, grad_out.options());
@@ -412,40 +381,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       std::vector<acc_t> partial(num_segments > 0 ? blocks * num_segments * dim : 0, acc_t(0));
       if (sparse || num_segments > 0) {
         scalar_t* values = sparse ? weight_grad.data_ptr<scalar_t>() : nullptr;
+        const bool stream = sparse && stream_output(weight_grad.nbytes());
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
           for (int64_t b = begin; b < end; ++b) {
             for (int64_t n = b * block; n < std::min(tokens, (b + 1) * block); ++n) {
-              const scalar_t* row = grad + n * dim;
               const int64_t segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
-              acc_t* segment_sum = num_segments > 0 ? partial.data() + (b * num_segments + segment) * dim : nullptr;
-              if (values != nullptr && segment_sum != nullptr) {
-                scale_and_accumulate_rows(values + n * dim, segment_sum, row, static_cast<acc_t>(scale), dim);
-              } else if (values != nullptr) {
-                scale_rows(values + n * dim, row, static_cast<acc_t>(scale), dim);
-              } else {
-                accumulate_rows(segment_sum, row, dim);
-              }
+              scale_or_accumulate_rows(values != nullptr ? values + n * dim : nullptr,
+                                       num_segments > 0 ? partial.data() + (b * num_segments + segment) * dim : nullptr,
+                                       grad + n * dim, static_cast<acc_t>(scale), dim, stream);
             }
           }
+          if (stream) end_streaming();
         });
       }
       if (num_segments > 0) {
         scalar_t* out = segment_grad.data_ptr<scalar_t>();
         at::parallel_for(0, num_segments * dim, 1024, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {
+          for (int64_t i = begin; i < end; ++i) {  // slot i % dim of segment i / dim
             acc_t sum = 0;
             for (int64_t b = 0; b < blocks; ++b) sum += partial[b * num_segments * dim + i];
-            out[i] = static_cast<scalar_t>(sum);
+            out[i - i % dim + order[i % dim]] = static_cast<scalar_t>(sum);
           }
         });
       }
       if (dense) {
-        sum_rows_by_key(grad, tokens, dim, num_embeddings,
+        sum_rows_by_key(grad, tokens, order, num_embeddings,
                         [&](int64_t n) { return ids[n] == padding_idx ? int64_t(-1) : static_cast<int64_t>(ids[n]); },
                         scale, weight_grad.data_ptr<scalar_t>());
       }
       if (num_positions > 0) {
-        sum_rows_by_key(grad, tokens, dim, num_positions,
+        sum_rows_by_key(grad, tokens, order, num_positions,
                         [&](int64_t n) { return position_of(pos_ids, n, past_length, seq_len); }, 1.0,
                         position_grad.data_ptr<scalar_t>());
       }
