@@ -76,3 +76,15 @@ def test_default_positions_wrap_at_seq_len(seq_len, backend, device):
     args = (ids, weight, None, None, types, segments, 2.0, "interleaved", 10000.0, 0, 3, seq_len, -1, True, True)
     expected = torch.ops.embedfast.forward_reference(*args)
     torch.testing.assert_close(forward_op(backend)(*args), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoid_rows_are_right_across_calls(backend, device):
+    """Decoding a token at a time, then longer batches, then positions past the CPU kernel's 32 MB cache of
+    sinusoid tables (where it rotates rows per thread instead): every call matches the reference op."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(30, 16, generator=generator).to(device)
+    for past_length, seq_len in [(0, 3), (3, 1), (4, 1), (5, 1), (6, 50), (0, 300), (600_000, 20)]:
+        ids = torch.randint(0, 30, (2 * seq_len,), generator=generator).to(device)
+        args = (ids, weight, None, None, None, None, 1.0, "interleaved", 10000.0, 0, past_length, seq_len, -1, True, True)
+        torch.testing.assert_close(forward_op(backend)(*args), torch.ops.embedfast.forward_reference(*args),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"past_length={past_length}: {m}")

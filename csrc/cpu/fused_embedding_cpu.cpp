@@ -3,26 +3,30 @@
 // Forward: one parallel pass over tokens; each output row is written once from the token row (prefetched a
 // few rows ahead), a float32 position row and a float32 segment row, around the caches when the output is big
 // (row_loops.h). With default positions the pass goes tile by tile of kTilePositions positions, every sequence's
-// run of tokens in the tile before the next tile (Walk), so a thread makes a tile's sinusoid rows once for the
-// whole batch, by a float64 rotation along its positions (exact seeds every kRotationSteps rows), and no table
-// is built. Explicit position_ids go in token order with a per-call table of the positions in use. No state is
-// kept between calls.
+// run of tokens in the tile before the next tile (Walk), so a tile's position rows are read into L2 once for the
+// whole batch. Sinusoid rows are made by a float64 rotation (exact seeds every kRotationSteps rows): for default
+// positions, once into a table of positions [0, past_length + seq_len) kept between calls (the only state, a
+// bounded cache; past its budget each thread rotates its tiles' rows instead); for explicit position_ids, into
+// a per-call table of the positions in use.
 // Backward: one pass over grad_out writes the sparse values and reduces the segment gradient per
 // fixed block of tokens; dense token and learned-position gradients are summed per row after a stable
 // counting sort. Every reduction order depends only on the inputs, never on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/bit_cast.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "embedfast/checks.h"
 #include "embedfast/kernel_math.h"
 #include "row_loops.h"
+#include "table_cache.h"
 
 namespace embedfast {
 namespace {
@@ -32,6 +36,7 @@ constexpr int64_t kTilePositions = 16;       // forward tile of default position
 constexpr int64_t kPrefetchRows = 2;         // token rows asked for ahead of use (measured: 1 and 2 alike, 4 slower)
 constexpr int64_t kMinTokensPerBlock = 256;  // backward reduction blocks
 constexpr int64_t kMaxBlocks = 256;
+constexpr int64_t kSinusoidCacheBytes = int64_t{32} << 20;  // sinusoid tables kept between calls, in all
 
 // ---- positions ----
 
@@ -147,13 +152,25 @@ struct PositionRows {
   int64_t first = 0;           // row r holds position first + r
   bool per_token = false;      // row n holds token n's position
   bool constant_row = false;   // one zero row for every token
-  bool rotate = false;         // default sinusoid positions: each thread rotates the row along its positions
+  bool rotate = false;         // default sinusoid positions past the cache: each thread rotates rows along its tiles
 };
+
+// Sinusoid rows of positions [0, rows) for these columns, kept between calls (an undefined tensor past the
+// cache's budget). Building them costs about as much as the rest of a BERT-base forward's float64 math.
+at::Tensor cached_sinusoid(const std::vector<SinusoidColumn>& columns, PositionMode layout, double sinusoid_base,
+                           bool lane_order, int64_t rows, at::ScalarType dtype) {
+  static TableCache& cache = *new TableCache(kSinusoidCacheBytes);  // never destroyed: outlives exit-time teardown
+  const std::string key = c10::str(columns.size(), '/', static_cast<int>(layout), '/', c10::bit_cast<uint64_t>(sinusoid_base),
+                                   '/', lane_order, '/', dtype);
+  return cache.get(key, rows, static_cast<int64_t>(columns.size()) * at::elementSize(dtype),
+                   [&](int64_t n) { return sinusoid_range(0, n, columns, dtype); });
+}
 
 template <typename index_t>
 PositionRows position_rows(PositionMode mode, const std::optional<at::Tensor>& position_ids,
                            const std::optional<at::Tensor>& position_weight, int64_t tokens,
-                           const std::vector<SinusoidColumn>& sinusoid, int64_t dim, at::ScalarType math_dtype) {
+                           const std::vector<SinusoidColumn>& sinusoid, int64_t dim, at::ScalarType math_dtype,
+                           const at::Tensor& cached_rows) {
   PositionRows rows;
   if (mode == PositionMode::kNone) {
     rows.table = at::zeros({1, dim}, at::TensorOptions().dtype(math_dtype));
@@ -165,7 +182,8 @@ PositionRows position_rows(PositionMode mode, const std::optional<at::Tensor>& p
     return rows;
   }
   if (!position_ids.has_value()) {
-    rows.rotate = true;
+    rows.table = cached_rows;  // row r holds position r
+    rows.rotate = !cached_rows.defined();
     return rows;
   }
   const auto [lo, hi] = at::aminmax(*position_ids);
@@ -250,10 +268,14 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
   const auto columns = sinusoidal ? sinusoid_columns(order, mode, std::log(sinusoid_base)) : std::vector<SinusoidColumn>();
 
   const Walk walk = Walk::over(tokens, seq_len, !position_ids.has_value());
+  const at::Tensor cached_rows = sinusoidal && !position_ids.has_value()
+                                     ? cached_sinusoid(columns, mode, sinusoid_base, lane_order(weight.scalar_type()),
+                                                       past_length + walk.period, math_dtype)
+                                     : at::Tensor();
 
   AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_forward_cpu", [&] {
     const PositionRows positions = position_rows<index_t>(mode, position_ids, position_weight, tokens, columns, dim,
-                                                          math_dtype);
+                                                          math_dtype, cached_rows);
     const at::Tensor segments = segment_weight.has_value() ? side_rows(*segment_weight, math_dtype)
                                                            : at::zeros({1, dim}, weight.options().dtype(math_dtype));
     const index_t* ids = input_ids.data_ptr<index_t>();

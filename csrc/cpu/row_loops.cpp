@@ -1,10 +1,10 @@
 // Row loops of the CPU kernels (see row_loops.h for the column order of the float32 side rows).
 //
 // Portable loops are plain C++ the compiler vectorizes, built for AVX2+FMA+F16C and for the baseline (the
-// loader picks one per machine). On AVX2 machines float32 and bfloat16 rows take the hand-written loops below
-// instead: bfloat16 has no conversion instructions before AVX-512, and the compiler's version of c10's
-// conversions spent most of the forward's time on them (2.2x a bare gather); and both write big outputs with
-// non-temporal stores, which the compiler does not emit (row_loops.h, stream_output).
+// loader picks one per machine). On machines with AVX2, FMA and F16C, float32, float16 and bfloat16 rows take
+// the hand-written loops below instead: the compiler's versions of c10's conversions were slow (bfloat16
+// forward 2.2x a bare gather, float16 11x: left scalar), and it does not emit the non-temporal stores that
+// big outputs want (stream_output).
 #include "row_loops.h"
 
 #include <c10/util/BFloat16.h>
@@ -94,20 +94,26 @@ constexpr int64_t kBlock = 16;  // columns per AVX2 step: two float32 vectors
 
 #ifdef EMBEDFAST_AVX2_LOOPS
 bool has_avx2() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool supported =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   return supported;
 }
 
 namespace avx2 {
-#define EMBEDFAST_AVX2 __attribute__((target("avx2,fma")))
+#define EMBEDFAST_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-// 16 columns as two float32 vectors: columns 0-7 and 8-15 of a float32 row; of a bfloat16 row, the lane order
-// 0-3, 8-11 and 4-7, 12-15 (row_loops.h).
+// 16 columns as two float32 vectors: columns 0-7 and 8-15 of a float32 or float16 row; of a bfloat16 row, the
+// lane order 0-3, 8-11 and 4-7, 12-15 (row_loops.h).
 struct Block {
   __m256 lo, hi;
 };
 
 EMBEDFAST_AVX2 inline Block load(const float* row) { return {_mm256_loadu_ps(row), _mm256_loadu_ps(row + 8)}; }
+
+EMBEDFAST_AVX2 inline Block load(const c10::Half* row) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 8)))};
+}
 
 // Unpacking with zeros puts each bfloat16 in the high half of a float32 lane: the exact value, no arithmetic.
 EMBEDFAST_AVX2 inline Block load(const c10::BFloat16* row) {
@@ -124,6 +130,20 @@ EMBEDFAST_AVX2 inline void store(float* row, Block block) {
   } else {
     _mm256_storeu_ps(row, block.lo);
     _mm256_storeu_ps(row + 8, block.hi);
+  }
+}
+
+// F16C rounds to nearest even and keeps NaNs, as c10::Half does
+template <bool kStream>
+EMBEDFAST_AVX2 inline void store(c10::Half* row, Block block) {
+  constexpr int kRounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m128i lo = _mm256_cvtps_ph(block.lo, kRounding), hi = _mm256_cvtps_ph(block.hi, kRounding);
+  if (kStream) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(row), lo);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(row + 8), hi);
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row), lo);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 8), hi);
   }
 }
 
@@ -189,7 +209,7 @@ EMBEDFAST_AVX2 void widen_blocks(float* out, const c10::BFloat16* row, int64_t d
 #undef EMBEDFAST_AVX2
 }  // namespace avx2
 
-// Streamed stores need 32-byte alignment; every block of a row keeps its start's alignment.
+// Streamed stores need 16- or 32-byte alignment; every block of a row keeps its start's alignment.
 template <typename scalar_t>
 bool can_stream(const scalar_t* row, bool stream) {
   return stream && reinterpret_cast<uintptr_t>(row) % 32 == 0;
@@ -221,22 +241,18 @@ void end_streaming() {
 #endif
 }
 
-// float64 and float16 rows: the portable loops only
-#define EMBEDFAST_PORTABLE_ROW_LOOPS(scalar_t)                                                                         \
-  EMBEDFAST_ROW_KERNEL void combine_rows(scalar_t* out, const scalar_t* token, const math_t<scalar_t>* position,       \
-                                         const math_t<scalar_t>* segment, math_t<scalar_t> scale, int64_t dim, bool) { \
-    combine_row(out, token, position, segment, scale, dim);                                                             \
-  }                                                                                                                     \
-  EMBEDFAST_ROW_KERNEL void scale_or_accumulate_rows(scalar_t* out, math_t<scalar_t>* acc, const scalar_t* grad,      \
-                                                     math_t<scalar_t> scale, int64_t dim, bool) {                     \
-    scale_or_accumulate_row(out, acc, grad, scale, dim);                                                                \
-  }
+// float64 rows (gradcheck): the portable loops only
+EMBEDFAST_ROW_KERNEL void combine_rows(double* out, const double* token, const double* position, const double* segment,
+                                       double scale, int64_t dim, bool) {
+  combine_row(out, token, position, segment, scale, dim);
+}
 
-EMBEDFAST_PORTABLE_ROW_LOOPS(double)
-EMBEDFAST_PORTABLE_ROW_LOOPS(c10::Half)
-#undef EMBEDFAST_PORTABLE_ROW_LOOPS
+EMBEDFAST_ROW_KERNEL void scale_or_accumulate_rows(double* out, double* acc, const double* grad, double scale,
+                                                   int64_t dim, bool) {
+  scale_or_accumulate_row(out, acc, grad, scale, dim);
+}
 
-// float32 and bfloat16 rows: the AVX2 loops where the machine has them
+// float32, float16 and bfloat16 rows: the AVX2 loops where the machine has them
 #ifdef EMBEDFAST_AVX2_LOOPS
 #define EMBEDFAST_AVX2_OR_PORTABLE(loop, out, ...)                                   \
   if (has_avx2()) {                                                                   \
@@ -260,6 +276,7 @@ EMBEDFAST_PORTABLE_ROW_LOOPS(c10::Half)
   }
 
 EMBEDFAST_AVX2_ROW_LOOPS(float)
+EMBEDFAST_AVX2_ROW_LOOPS(c10::Half)
 EMBEDFAST_AVX2_ROW_LOOPS(c10::BFloat16)
 #undef EMBEDFAST_AVX2_ROW_LOOPS
 #undef EMBEDFAST_AVX2_OR_PORTABLE
