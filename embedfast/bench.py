@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -148,16 +149,20 @@ def time_once_ms(fn: Callable[[], object], device: str) -> float:
 
 def time_side_by_side(fns: dict[str, Callable[[], object]], device: str, warmup: int, repeats: int) -> dict[str, float]:
     """Median time of each callable in ms, sampled in rounds (one call of each per round), so that a machine
-    that slows down or speeds up during the run shifts every contender alike and the ratios hold."""
+    that slows down or speeds up during the run shifts every contender alike and the ratios hold. The order
+    within a round is shuffled (seeded), so that no contender always follows the same one (a predecessor
+    leaves its output in the caches, dirty, for the next one to evict)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order, shuffle = list(fns), random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(time_once_ms(fn, device))
+        shuffle(order)
+        for name in order:
+            samples[name].append(time_once_ms(fns[name], device))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 

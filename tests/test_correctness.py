@@ -23,7 +23,8 @@ CASES = {
     # whole 16-column blocks and a tail (the CPU kernel's vector loops), a short last tile of positions
     "sinusoid-wide-rows": Case(shape=(3, 300), dim=40, segments=2, past_length=7),
     # outputs past the CPU kernel's streaming threshold (8 MB), rows of alternating 32-byte alignment in bf16
-    "large-output": Case(shape=(16, 520), dim=520, vocab=300, segments=2, padding_idx=0),
+    "large-output": Case(shape=(16, 520), dim=520, vocab=300, segments=2, padding_idx=0, position="learned",
+                         max_positions=520),
     "dense-grad": Case(shape=(4, 8), position="learned", max_positions=8, segments=2, padding_idx=1, sparse=False),
     "noncontiguous": Case(shape=(3, 4), segments=2, noncontiguous=True),
     "empty": Case(shape=(0,), segments=2),
@@ -67,15 +68,23 @@ def test_frozen_tables_get_no_gradient(backend, device):
 
 @pytest.mark.parametrize("seq_len", [5, 1000], ids=["ragged-last-sequence", "longer-than-the-input"])
 def test_default_positions_wrap_at_seq_len(seq_len, backend, device):
-    """The ops' contract: token n is at position past_length + n % seq_len, whatever seq_len is."""
+    """The ops' contract: token n is at position past_length + n % seq_len, whatever seq_len is: forward
+    (sinusoid and learned) and backward (sparse values, position and segment gradients)."""
     generator = torch.Generator().manual_seed(seq_len)
     ids = torch.randint(0, 30, (37,), generator=generator).to(device)
     types = torch.randint(0, 2, (37,), generator=generator).to(device)
     weight = torch.randn(30, 40, generator=generator).to(device)
     segments = torch.randn(2, 40, generator=generator).to(device)
-    args = (ids, weight, None, None, types, segments, 2.0, "interleaved", 10000.0, 0, 3, seq_len, -1, True, True)
-    expected = torch.ops.embedfast.forward_reference(*args)
-    torch.testing.assert_close(forward_op(backend)(*args), expected, rtol=1e-5, atol=1e-5)
+    positions = torch.randn(45, 40, generator=generator).to(device)
+    for position, table, bound in (("interleaved", None, 0), ("learned", positions, 45)):
+        args = (ids, weight, None, table, types, segments, 2.0, position, 10000.0, bound, 3, seq_len, -1, True, True)
+        torch.testing.assert_close(forward_op(backend)(*args), torch.ops.embedfast.forward_reference(*args),
+                                   rtol=1e-5, atol=1e-5)
+    grad = torch.randn(37, 40, generator=generator).to(device)
+    args = (grad, ids, None, types, "sparse", 30, -1, 2.0, 45, 2, 3, seq_len, True)
+    backward = getattr(torch.ops.embedfast, f"backward_{backend}")
+    for got, want in zip(backward(*args), torch.ops.embedfast.backward_reference(*args)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_sinusoid_rows_are_right_across_calls(backend, device):

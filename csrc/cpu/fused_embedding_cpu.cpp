@@ -8,9 +8,11 @@
 // positions, once into a table of positions [0, past_length + seq_len) kept between calls (the only state, a
 // bounded cache; past its budget each thread rotates its tiles' rows instead); for explicit position_ids, into
 // a per-call table of the positions in use.
-// Backward: one pass over grad_out writes the sparse values and reduces the segment gradient per
-// fixed block of tokens; dense token and learned-position gradients are summed per row after a stable
-// counting sort. Every reduction order depends only on the inputs, never on the thread count.
+// Backward: one pass over grad_out writes the sparse values and reduces the segment gradient per fixed block
+// of tokens; with a learned position table and default positions the pass goes tile by tile instead and sums
+// the position rows too (backward_by_tiles). Dense token gradients, and position gradients of explicit
+// position_ids, are summed per row after a stable counting sort. Every reduction order depends only on the
+// inputs, never on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -36,6 +38,7 @@ constexpr int64_t kTilePositions = 16;       // forward tile of default position
 constexpr int64_t kPrefetchRows = 2;         // token rows asked for ahead of use (measured: 1 and 2 alike, 4 slower)
 constexpr int64_t kMinTokensPerBlock = 256;  // backward reduction blocks
 constexpr int64_t kMaxBlocks = 256;
+constexpr int64_t kMaxTileSegments = 16;     // backward_by_tiles keeps kTilePositions x segments rows per thread
 constexpr int64_t kSinusoidCacheBytes = int64_t{32} << 20;  // sinusoid tables kept between calls, in all
 
 // ---- positions ----
@@ -341,6 +344,20 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
 
 // ---- backward ----
 
+// out[s] = sum over groups g of partial[g][s] (rows in the kernel column order `order`), summed in group order.
+template <typename scalar_t, typename acc_t>
+void sum_partials(const std::vector<acc_t>& partial, int64_t groups, int64_t rows, const std::vector<int64_t>& order,
+                  scalar_t* out) {
+  const int64_t dim = static_cast<int64_t>(order.size());
+  at::parallel_for(0, rows * dim, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // slot i % dim of row i / dim
+      acc_t sum = 0;
+      for (int64_t g = 0; g < groups; ++g) sum += partial[g * rows * dim + i];
+      out[i - i % dim + order[i % dim]] = static_cast<scalar_t>(sum);
+    }
+  });
+}
+
 // out[r] = scale * sum of grad rows n with key(n) == r, summed in token order; rows with no token are zero.
 // `order` is the kernel column order of the float32 sums.
 template <typename scalar_t, typename Key>
@@ -373,6 +390,50 @@ void sum_rows_by_key(const scalar_t* grad, int64_t tokens, const std::vector<int
   });
 }
 
+// Default positions with a position table: one pass over grad_out in the forward's tile order, one tile per
+// task, writes the sparse values and sums each tile's rows by (offset, segment) in a thread's buffer, whence
+// the tile's position rows and a per-tile segment partial; the partials are then summed in tile order. Every
+// sum runs in an order fixed by the inputs alone (sequences in order within a tile).
+template <typename scalar_t, typename index_t>
+void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk& walk, int64_t dim,
+                       const std::vector<int64_t>& order, double scale, int64_t past_length, int64_t num_segments,
+                       scalar_t* values, bool stream, scalar_t* position_grad, int64_t num_positions, scalar_t* segment_grad) {
+  using acc_t = math_t<scalar_t>;
+  const int64_t tiles = (walk.period + kTilePositions - 1) / kTilePositions;
+  const int64_t slots = std::max<int64_t>(num_segments, 1);  // sums of one offset: one per segment
+  std::fill(position_grad, position_grad + num_positions * dim, scalar_t(0));
+  std::vector<acc_t> partial(tiles * num_segments * dim, acc_t(0));
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(kTilePositions * slots * dim);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      for (int64_t unit = tile * walk.sequences; unit < (tile + 1) * walk.sequences; ++unit) {
+        const int64_t n0 = walk.first_token(unit);
+        for (int64_t k = 0; k < walk.length(unit); ++k) {
+          const int64_t n = n0 + k, segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
+          scale_or_accumulate_rows(values != nullptr ? values + n * dim : nullptr, sums.data() + (k * slots + segment) * dim,
+                                   grad + n * dim, static_cast<acc_t>(scale), dim, stream);
+        }
+      }
+      const int64_t first = tile * kTilePositions;
+      for (int64_t k = 0; k < std::min(kTilePositions, walk.period - first); ++k) {
+        scalar_t* row = position_grad + (past_length + first + k) * dim;
+        for (int64_t j = 0; j < dim; ++j) {
+          acc_t sum = 0;
+          for (int64_t segment = 0; segment < slots; ++segment) sum += sums[(k * slots + segment) * dim + j];
+          row[order[j]] = static_cast<scalar_t>(sum);
+        }
+        for (int64_t segment = 0; segment < num_segments; ++segment) {
+          acc_t* tile_partial = partial.data() + (tile * num_segments + segment) * dim;
+          for (int64_t j = 0; j < dim; ++j) tile_partial[j] += sums[(k * slots + segment) * dim + j];
+        }
+      }
+    }
+    if (stream) end_streaming();
+  });
+  sum_partials(partial, tiles, num_segments, order, segment_grad);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids,
     const std::optional<at::Tensor>& token_type_ids, c10::string_view token_grad, int64_t num_embeddings,
@@ -397,13 +458,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
       using acc_t = math_t<scalar_t>;
       const scalar_t* grad = grad_out.data_ptr<scalar_t>();
 
-      // one pass: sparse values, and per-block segment sums (blocks fixed by the token count alone)
-      const int64_t block = std::max(kMinTokensPerBlock, (tokens + kMaxBlocks - 1) / kMaxBlocks);
-      const int64_t blocks = (tokens + block - 1) / block;
-      std::vector<acc_t> partial(num_segments > 0 ? blocks * num_segments * dim : 0, acc_t(0));
-      if (sparse || num_segments > 0) {
-        scalar_t* values = sparse ? weight_grad.data_ptr<scalar_t>() : nullptr;
-        const bool stream = sparse && stream_output(weight_grad.nbytes());
+      scalar_t* values = sparse ? weight_grad.data_ptr<scalar_t>() : nullptr;
+      const bool stream = sparse && stream_output(weight_grad.nbytes());
+      const bool by_tiles = num_positions > 0 && pos_ids == nullptr && tokens > 0 && num_segments <= kMaxTileSegments;
+      if (by_tiles) {
+        backward_by_tiles(grad, seg_ids, Walk::over(tokens, seq_len, true), dim, order, scale, past_length, num_segments,
+                          values, stream, position_grad.data_ptr<scalar_t>(), num_positions,
+                          segment_grad.data_ptr<scalar_t>());
+      } else if (sparse || num_segments > 0) {
+        // one pass: sparse values, and per-block segment sums (blocks fixed by the token count alone)
+        const int64_t block = std::max(kMinTokensPerBlock, (tokens + kMaxBlocks - 1) / kMaxBlocks);
+        const int64_t blocks = (tokens + block - 1) / block;
+        std::vector<acc_t> partial(blocks * num_segments * dim, acc_t(0));
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
           for (int64_t b = begin; b < end; ++b) {
             for (int64_t n = b * block; n < std::min(tokens, (b + 1) * block); ++n) {
@@ -415,23 +481,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
           }
           if (stream) end_streaming();
         });
-      }
-      if (num_segments > 0) {
-        scalar_t* out = segment_grad.data_ptr<scalar_t>();
-        at::parallel_for(0, num_segments * dim, 1024, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) {  // slot i % dim of segment i / dim
-            acc_t sum = 0;
-            for (int64_t b = 0; b < blocks; ++b) sum += partial[b * num_segments * dim + i];
-            out[i - i % dim + order[i % dim]] = static_cast<scalar_t>(sum);
-          }
-        });
+        sum_partials(partial, blocks, num_segments, order, segment_grad.data_ptr<scalar_t>());
       }
       if (dense) {
         sum_rows_by_key(grad, tokens, order, num_embeddings,
                         [&](int64_t n) { return ids[n] == padding_idx ? int64_t(-1) : static_cast<int64_t>(ids[n]); },
                         scale, weight_grad.data_ptr<scalar_t>());
       }
-      if (num_positions > 0) {
+      if (num_positions > 0 && !by_tiles) {
         sum_rows_by_key(grad, tokens, order, num_positions,
                         [&](int64_t n) { return position_of(pos_ids, n, past_length, seq_len); }, 1.0,
                         position_grad.data_ptr<scalar_t>());
