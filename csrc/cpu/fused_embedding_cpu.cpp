@@ -160,13 +160,15 @@ struct PositionRows {
 
 // Sinusoid rows of positions [0, rows) for these columns, kept between calls (an undefined tensor past the
 // cache's budget). Building them costs about as much as the rest of a BERT-base forward's float64 math.
-at::Tensor cached_sinusoid(const std::vector<SinusoidColumn>& columns, PositionMode layout, double sinusoid_base,
-                           bool lane_order, int64_t rows, at::ScalarType dtype) {
+// The columns come in the kernel column order of `storage`, the rows in `dtype`.
+at::Tensor cached_sinusoid(int64_t dim, PositionMode layout, double sinusoid_base, at::ScalarType storage, int64_t rows,
+                           at::ScalarType dtype) {
   static TableCache& cache = *new TableCache(kSinusoidCacheBytes);  // never destroyed: outlives exit-time teardown
-  const std::string key = c10::str(columns.size(), '/', static_cast<int>(layout), '/', c10::bit_cast<uint64_t>(sinusoid_base),
-                                   '/', lane_order, '/', dtype);
-  return cache.get(key, rows, static_cast<int64_t>(columns.size()) * at::elementSize(dtype),
-                   [&](int64_t n) { return sinusoid_range(0, n, columns, dtype); });
+  const std::string key = c10::str(dim, '/', static_cast<int>(layout), '/', c10::bit_cast<uint64_t>(sinusoid_base), '/',
+                                   lane_order(storage), '/', dtype);
+  return cache.get(key, rows, dim * static_cast<int64_t>(at::elementSize(dtype)), [&](int64_t n) {
+    return sinusoid_range(0, n, sinusoid_columns(column_order(storage, dim), layout, std::log(sinusoid_base)), dtype);
+  });
 }
 
 template <typename index_t>
@@ -266,15 +268,16 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
   at::Tensor out = at::empty({tokens, dim}, weight.options());
   if (tokens == 0 || dim == 0) return out;
   const at::ScalarType math_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const std::vector<int64_t> order = column_order(weight.scalar_type(), dim);
   const bool sinusoidal = mode == PositionMode::kInterleaved || mode == PositionMode::kConcat;
-  const auto columns = sinusoidal ? sinusoid_columns(order, mode, std::log(sinusoid_base)) : std::vector<SinusoidColumn>();
-
   const Walk walk = Walk::over(tokens, seq_len, !position_ids.has_value());
   const at::Tensor cached_rows = sinusoidal && !position_ids.has_value()
-                                     ? cached_sinusoid(columns, mode, sinusoid_base, lane_order(weight.scalar_type()),
+                                     ? cached_sinusoid(dim, mode, sinusoid_base, weight.scalar_type(),
                                                        past_length + walk.period, math_dtype)
                                      : at::Tensor();
+  // sinusoid rows still to make (explicit position_ids, or default positions past the cache) need the columns
+  const auto columns = sinusoidal && !cached_rows.defined()
+                           ? sinusoid_columns(column_order(weight.scalar_type(), dim), mode, std::log(sinusoid_base))
+                           : std::vector<SinusoidColumn>();
 
   AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_forward_cpu", [&] {
     const PositionRows positions = position_rows<index_t>(mode, position_ids, position_weight, tokens, columns, dim,
