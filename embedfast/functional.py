@@ -124,10 +124,12 @@ def _flat_indices(name: str, ids: torch.Tensor, shape: torch.Size, weight: torch
     check_index_tensor(name, ids)
     check_same_device(name, ids, weight)
     check_broadcastable(name, ids, shape)
-    return ids.expand(shape).reshape(-1).contiguous()
+    if ids.shape != shape:
+        ids = ids.expand(shape)
+    return ids.reshape(-1).contiguous()
 
 
 def _common_index_dtype(*indices: torch.Tensor | None) -> list[torch.Tensor | None]:
     """All index tensors as int64 if any is int64, else int32: kernels then take one index type."""
     dtype = torch.int64 if any(ids is not None and ids.dtype == torch.int64 for ids in indices) else torch.int32
-    return [None if ids is None else ids.to(dtype) for ids in indices]
+    return [ids if ids is None or ids.dtype == dtype else ids.to(dtype) for ids in indices]
