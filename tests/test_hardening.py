@@ -56,6 +56,33 @@ def test_backward_is_bitwise_deterministic(sparse, backend, device):
         assert torch.equal(a, b)
 
 
+def test_cpu_results_do_not_depend_on_the_thread_count(backend):
+    """Every sum runs in an order fixed by the inputs: 1, 2 and 3 threads give the same bits, forward and
+    every gradient (learned and sinusoid positions, tiles split unevenly across threads)."""
+    if backend == "triton":
+        pytest.skip("the Triton interpreter runs programs one by one, not on torch's threads (and takes ~19 s here)")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (4, 300), generator=generator)
+    types = torch.randint(0, 3, (4, 300), generator=generator)
+    grad_out = torch.randn(4, 300, 40, generator=generator)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            outputs = []
+            for position in ("learned", "sinusoidal"):
+                torch.manual_seed(1)
+                module = embedfast.FusedInputEmbedding(50, 40, num_segments=3, position=position, max_positions=300,
+                                                       backend=backend)
+                outputs += [module(ids, types).detach(), *_gradients(module, ids, types, grad_out)]
+            results.append(outputs)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_concurrent_calls_from_threads_match_sequential_ones(backend, device):
     if backend == "triton" and device == "cpu":
         pytest.skip("the Triton interpreter (a test tool) swaps triton.language globally while it runs a kernel")
