@@ -43,12 +43,12 @@ constexpr int64_t kSinusoidCacheBytes = int64_t{32} << 20;  // sinusoid tables k
 
 // ---- positions ----
 
-// The sinusoid columns in the kernel column order `order` (row_loops.h): every table and rotated row built from
-// them is then in that order too.
-std::vector<SinusoidColumn> sinusoid_columns(const std::vector<int64_t>& order, PositionMode layout, double log_base) {
-  const int64_t dim = static_cast<int64_t>(order.size());
+// The sinusoid columns in the kernel column order of `storage` (row_loops.h): every table and rotated row built
+// from them is then in that order too.
+std::vector<SinusoidColumn> sinusoid_columns(at::ScalarType storage, int64_t dim, PositionMode layout, double base) {
+  const std::vector<int64_t> order = column_order(storage, dim);
   std::vector<SinusoidColumn> columns(dim);
-  const double log_step = sinusoid_log_step(dim, layout, log_base);
+  const double log_step = sinusoid_log_step(dim, layout, std::log(base));
   for (int64_t j = 0; j < dim; ++j) columns[j] = sinusoid_column(order[j], dim, layout, log_step);
   return columns;
 }
@@ -167,7 +167,7 @@ at::Tensor cached_sinusoid(int64_t dim, PositionMode layout, double sinusoid_bas
   const std::string key = c10::str(dim, '/', static_cast<int>(layout), '/', c10::bit_cast<uint64_t>(sinusoid_base), '/',
                                    lane_order(storage), '/', dtype);
   return cache.get(key, rows, dim * static_cast<int64_t>(at::elementSize(dtype)), [&](int64_t n) {
-    return sinusoid_range(0, n, sinusoid_columns(column_order(storage, dim), layout, std::log(sinusoid_base)), dtype);
+    return sinusoid_range(0, n, sinusoid_columns(storage, dim, layout, sinusoid_base), dtype);
   });
 }
 
@@ -276,7 +276,7 @@ at::Tensor forward_cpu(const at::Tensor& input_ids, const at::Tensor& weight, co
                                      : at::Tensor();
   // sinusoid rows still to make (explicit position_ids, or default positions past the cache) need the columns
   const auto columns = sinusoidal && !cached_rows.defined()
-                           ? sinusoid_columns(column_order(weight.scalar_type(), dim), mode, std::log(sinusoid_base))
+                           ? sinusoid_columns(weight.scalar_type(), dim, mode, sinusoid_base)
                            : std::vector<SinusoidColumn>();
 
   AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_forward_cpu", [&] {

@@ -1,10 +1,11 @@
 // Row loops of the CPU kernels: the only code that touches every element of a row.
 //
 // The float32 side rows these loops read or write (position and segment rows, partial sums) are in the
-// "kernel column order" of the storage type: natural order, except for bfloat16 on a machine with AVX2, where
-// every full block of 16 columns holds columns 0-3, 8-11, 4-7, 12-15 (the order in which unpacking 16 bfloat16
-// values into two float32 vectors leaves them; see row_loops.cpp). Token rows, gradient rows and outputs are
-// always in natural order. column_order() is the one place the callers learn the order from.
+// "kernel column order" of the storage type: natural order, except for bfloat16 on a machine with AVX2, FMA and
+// F16C (what the hand-written loops need), where every full block of 16 columns holds columns 0-3, 8-11, 4-7,
+// 12-15 (the order in which unpacking 16 bfloat16 values into two float32 vectors leaves them; see
+// row_loops.cpp). Token rows, gradient rows and outputs are always in natural order. column_order() is the one
+// place the callers learn the order from.
 #pragma once
 
 #include <ATen/ATen.h>
