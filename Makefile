@@ -1,18 +1,21 @@
-# make test   -- create .venv with the pinned torch, build embedfast in place, run the test suite
-# make bench  -- the same set-up, then the benchmark report (python -m embedfast bench)
+# make test    -- create .venv from requirements.lock, build embedfast in place, run the test suite
+# make bench   -- the same set-up, then the benchmark report (python -m embedfast bench)
+# make compat  -- core and drop-in tests against the oldest supported transformers and torch (compat/run)
+# make lock    -- re-resolve requirements-dev.txt into requirements.lock in a fresh venv (then run make test)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench demo setup clean
+.PHONY: test bench compat lock setup clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/include/*/*.h)
+$(VENV)/.installed: requirements.lock setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/include/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-build-isolation -e .
+	$(PY) -m pip install --quiet "$$(grep '^pip==' requirements.lock)"
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip check
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 test: setup
@@ -20,6 +23,18 @@ test: setup
 
 bench: setup
 	$(PY) -m embedfast bench
+
+compat: setup
+	bash compat/run
+
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install --quiet --upgrade pip
+	build/lock-venv/bin/pip install --quiet -r requirements-dev.txt
+	{ sed -n '1,2p' requirements.lock; build/lock-venv/bin/pip freeze --all; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf build/lock-venv
 
 clean:
 	rm -rf build $(VENV) *.egg-info embedfast/*.so

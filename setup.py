@@ -15,7 +15,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).parent
+ROOT = Path(__file__).resolve().parent  # absolute: ninja compiles from the build folder
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 
@@ -48,13 +48,26 @@ def pip_cuda_include_dirs() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def import_installed_torch():
+    """The torch the extension will be imported into. Under pip's build isolation there is none (the
+    build would otherwise have to fetch a torch of its own, whose ABI need not match the user's)."""
+    try:
+        import torch
+    except ImportError:
+        sys.exit("embedfast: building embedfast._C needs the torch it will run with, and none is importable here. "
+                 "Install torch first, then build without pip's build isolation: "
+                 "pip install --no-build-isolation <path to embedfast> "
+                 "(or set EMBEDFAST_NO_EXTENSION=1 for the pure-PyTorch reference backend only).")
+    return torch
+
+
 def extension_modules():
     if os.environ.get("EMBEDFAST_NO_EXTENSION") == "1":
         return [], {}
+    torch = import_installed_torch()
     cuda_home = find_cuda_home()
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # read when torch.utils.cpp_extension is imported
-    import torch
     from torch.utils import cpp_extension
 
     use_cuda = bool(torch.version.cuda) and cuda_home is not None and os.environ.get("EMBEDFAST_NO_CUDA") != "1"

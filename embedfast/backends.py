@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -18,15 +20,22 @@ from . import ops
 BACKENDS = ("extension", "triton", "reference")
 
 
+_BROKEN_EXTENSION = "the C++ extension embedfast._C is built but does not load"
+REBUILD_HINT = ("rebuild it against the torch it runs with: pip install --no-build-isolation -e . "
+                "(or make setup) in the embedfast checkout")
+
+
 @functools.cache
 def _load_failure(backend: str) -> str | None:
     """Import the backend's kernels once; the reason it cannot load, or None."""
     if backend == "extension":
         ops.define_ops("extension")
+        if importlib.util.find_spec("embedfast._C") is None:
+            return "the C++ extension embedfast._C is not built"
         try:
             importlib.import_module("embedfast._C")
-        except ImportError as error:
-            return f"the C++ extension embedfast._C is not built or does not load ({error})"
+        except (ImportError, OSError) as error:
+            return f"{_BROKEN_EXTENSION} ({error}); {REBUILD_HINT}"
         ops.register_fake_and_autograd("extension")
     elif backend == "triton":
         try:
@@ -75,6 +84,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         backend = os.environ.get("EMBEDFAST_BACKEND", "auto") or "auto"
         if backend == "auto":
+            _warn_if_extension_is_broken()
             return available_backends(device)[0]
     reason = unavailable_reason(backend, device)
     if reason is not None:
@@ -84,3 +94,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def forward_op(backend: str):
     return getattr(torch.ops.embedfast, f"forward_{backend}")
+
+
+@functools.cache
+def _warn_if_extension_is_broken() -> None:
+    """Once per process: "auto" passing over an extension that exists but fails to load is worth a warning
+    (it runs many times slower); one that was never built is not."""
+    failure = _load_failure("extension")
+    if failure is not None and failure.startswith(_BROKEN_EXTENSION):
+        warnings.warn(f"embedfast: backend='auto' falls back from the extension: {failure}", RuntimeWarning)

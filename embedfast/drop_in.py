@@ -9,6 +9,7 @@ of the lookup-and-add moves into one kernel.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import warnings
 
@@ -118,10 +119,10 @@ def patch_model(model: nn.Module, *, sparse: bool | None = None, backend: str = 
         if isinstance(kind, str):
             report.skipped.append(f"{label}: {kind}")
             continue
-        mixin, word, description = kind
+        mixin, arguments, word, description = kind
         if sparse is not None:
             word.sparse = sparse
-        module.__class__ = type(f"Fused{type(module).__name__}", (mixin, type(module)), {})
+        module.__class__ = _fused_class(mixin, type(module), arguments)
         module.embedfast_backend = backend
         if mixin is _FusedGPT2Style:
             module.wpe.__class__ = _PositionsAddedUpstream
@@ -131,37 +132,102 @@ def patch_model(model: nn.Module, *, sparse: bool | None = None, backend: str = 
     return report
 
 
-_BERT_ARGUMENTS = {"input_ids", "token_type_ids", "position_ids", "inputs_embeds", "past_key_values_length"}
-_GPT2_ARGUMENTS = {"input_ids", "past_key_values", "position_ids", "inputs_embeds"}
+@dataclasses.dataclass(frozen=True)
+class _ForwardArguments:
+    """A forward's argument names, read once per class when it is patched (never per call).
+
+    The past-length argument has had two names: BERT's ``past_key_values_length`` became
+    ``cache_length`` and GPT-2's ``past_key_values`` became ``cache`` in transformers 5.24.
+    ``past_names`` holds this release's name, then the older ones, which its deprecation decorator
+    still maps through ``**kwargs``. A newer name given to an older release is ignored, as it is there.
+    """
+
+    positional: tuple[str, ...]
+    keywords: frozenset[str] | None  # every name the forward takes; None when it also takes **kwargs
+    past_names: tuple[str, ...]
+
+    @classmethod
+    def read(cls, forward, required: set[str], past_names: tuple[str, ...]) -> _ForwardArguments | str:
+        """The names of ``forward`` (an unbound method), or why they are not the ones expected;
+        ``past_names`` lists every name the past-length argument has had, oldest first."""
+        parameters = list(inspect.signature(forward).parameters.values())[1:]  # without self
+        names = {p.name for p in parameters}
+        past = [name for name in past_names if name in names]
+        if not required <= names or len(past) != 1:
+            return (f"unsupported forward signature ({', '.join(p.name for p in parameters)}): expected "
+                    f"{', '.join(sorted(required))} and one of {' / '.join(past_names)}")
+        positional = tuple(p.name for p in parameters
+                           if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        older = past_names[:past_names.index(past[0])]
+        return cls(positional, None if takes_any else frozenset(names), (past[0], *reversed(older)))
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by name, or the ``TypeError`` Python raises for a call the forward cannot take."""
+        if len(args) > len(self.positional):
+            raise TypeError(f"forward() takes {len(self.positional)} positional arguments but {len(args)} were given")
+        call = dict(zip(self.positional, args))
+        for name in kwargs:
+            if name in call:
+                raise TypeError(f"forward() got multiple values for argument {name!r}")
+            if self.keywords is not None and name not in self.keywords:
+                raise TypeError(f"forward() got an unexpected keyword argument {name!r}")
+        call.update(kwargs)
+        return call
+
+    def past(self, call: dict, default=None):
+        """The past-length (or cache) argument of a bound call, under whichever name it was given."""
+        return next((call[name] for name in self.past_names if name in call), default)
 
 
-def _accepts(module: nn.Module, names: set[str]) -> bool:
-    return names <= set(inspect.signature(module.forward).parameters)
+_BERT_ARGUMENTS = {"input_ids", "token_type_ids", "position_ids", "inputs_embeds"}
+_BERT_PAST = ("past_key_values_length", "cache_length")
+_GPT2_ARGUMENTS = {"input_ids", "position_ids", "inputs_embeds"}
+_GPT2_PAST = ("past_key_values", "cache")
 
 
 def _bert_style(module: nn.Module):
     tables = [getattr(module, name, None) for name in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
     if not all(isinstance(t, nn.Embedding) for t in tables) or not hasattr(module, "LayerNorm") or not hasattr(module, "dropout"):
         return None
-    if not _accepts(module, _BERT_ARGUMENTS):
-        return "unsupported forward signature"
+    arguments = _ForwardArguments.read(type(module).forward, _BERT_ARGUMENTS, _BERT_PAST)
+    if isinstance(arguments, str):
+        return arguments
     if getattr(module, "position_embedding_type", "absolute") != "absolute":
         return f"unsupported position_embedding_type {module.position_embedding_type!r}"
     if any(t.max_norm is not None or t.scale_grad_by_freq for t in tables):
         return "unsupported: max_norm or scale_grad_by_freq"
     roberta = tables[1].padding_idx is not None
-    return _FusedBertStyleEmbeddings, tables[0], "padding-aware learned positions (RoBERTa)" if roberta else "learned positions"
+    return (_FusedBertStyleEmbeddings, arguments, tables[0],
+            "padding-aware learned positions (RoBERTa)" if roberta else "learned positions")
 
 
 def _gpt2_style(module: nn.Module):
     tables = [getattr(module, name, None) for name in ("wte", "wpe")]
     if not all(isinstance(t, nn.Embedding) for t in tables):
         return None
-    if not _accepts(module, _GPT2_ARGUMENTS):
-        return "unsupported forward signature"
+    arguments = _ForwardArguments.read(type(module).forward, _GPT2_ARGUMENTS, _GPT2_PAST)
+    if isinstance(arguments, str):
+        return arguments
     if any(t.max_norm is not None or t.scale_grad_by_freq or t.padding_idx is not None for t in tables):
         return "unsupported: max_norm, scale_grad_by_freq or padding_idx"
-    return _FusedGPT2Style, tables[0], "wte + wpe"
+    return _FusedGPT2Style, arguments, tables[0], "wte + wpe"
+
+
+@functools.cache
+def _fused_class(mixin: type, original: type, arguments: _ForwardArguments) -> type:
+    """One fused subclass per patched class: every instance of a class shares it and its argument names."""
+    return type(f"Fused{original.__name__}", (mixin, original), {"_embedfast_arguments": arguments})
+
+
+def _cache_length(cache) -> int:
+    """Tokens already in a KV cache: a ``Cache`` object, or the legacy tuple of (key, value) per layer."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    first_layer = cache[0] if len(cache) else None
+    return 0 if first_layer is None or first_layer[0] is None else first_layer[0].shape[-2]
 
 
 class _NoGradRow(torch.autograd.Function):
@@ -180,21 +246,24 @@ class _NoGradRow(torch.autograd.Function):
 class _FusedBertStyleEmbeddings:
     """Mixed in front of a BERT/RoBERTa-style ``*Embeddings`` class by ``patch_model``."""
 
-    def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
-                past_key_values_length=0):
-        if input_ids is None:
-            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, past_key_values_length)
+    def forward(self, *args, **kwargs):
+        call = self._embedfast_arguments.bind(args, kwargs)
+        input_ids = call.get("input_ids")
+        if input_ids is None or call.get("inputs_embeds") is not None:
+            return super().forward(*args, **kwargs)
+        token_type_ids, position_ids = call.get("token_type_ids"), call.get("position_ids")
+        past_length = self._embedfast_arguments.past(call, 0)
         position_weight = self.position_embeddings.weight
         position_padding = self.position_embeddings.padding_idx
         if position_padding is not None:  # RoBERTa: pads sit at position padding_idx, whose row gets no gradient
             if position_ids is None:
-                position_ids = padding_aware_position_ids(input_ids, position_padding, past_key_values_length)
+                position_ids = padding_aware_position_ids(input_ids, position_padding, past_length)
             position_weight = _NoGradRow.apply(position_weight, position_padding)
         word = self.word_embeddings
         embeddings = fused_input_embedding(
             input_ids, word.weight, token_type_ids=token_type_ids, segment_weight=self.token_type_embeddings.weight,
             position_ids=position_ids, position_weight=position_weight, position="learned", scale=None,
-            padding_idx=word.padding_idx, sparse=word.sparse, past_length=past_key_values_length,
+            padding_idx=word.padding_idx, sparse=word.sparse, past_length=past_length,
             backend=self.embedfast_backend)
         return self.dropout(self.LayerNorm(embeddings))
 
@@ -212,11 +281,9 @@ class _FusedGPT2Style:
     zero (one elementwise pass) and, if given, the token-type rows."""
 
     def forward(self, *args, **kwargs):
-        signature = inspect.signature(super().forward)
-        call = signature.bind(*args, **kwargs).arguments
-        input_ids, inputs_embeds = call.get("input_ids"), call.get("inputs_embeds")
-        cache, positions = call.get("past_key_values"), call.get("position_ids")
-        past = cache.get_seq_length() if cache is not None else 0
+        call = self._embedfast_arguments.bind(args, kwargs)
+        input_ids, inputs_embeds, positions = call.get("input_ids"), call.get("inputs_embeds"), call.get("position_ids")
+        past = _cache_length(self._embedfast_arguments.past(call))
         if input_ids is not None and inputs_embeds is None:
             call["inputs_embeds"] = fused_input_embedding(
                 input_ids, self.wte.weight, position_ids=positions, position_weight=self.wpe.weight, position="learned",
@@ -226,7 +293,4 @@ class _FusedGPT2Style:
             if positions is None:
                 positions = past + torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0)
             call["inputs_embeds"] = inputs_embeds + F.embedding(positions, self.wpe.weight)
-        for parameter in signature.parameters.values():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                call.update(call.pop(parameter.name, {}))
         return super().forward(**call)

@@ -203,12 +203,21 @@ def _sinusoid_turns(dim: int, layout: str, base: float, device: torch.device) ->
     return frequency / (2 * math.pi), is_cos.to(torch.float64) * 0.25
 
 
+INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
+
+
 def _operator(kind: str, schema: str):
-    """``triton_op`` for compiled kernels. Under the interpreter ``wrap_triton`` hands the kernels back
-    unwrapped and compile could not trace them, so there the op is an opaque ``custom_op`` instead."""
-    if isinstance(_forward_kernel, InterpretedFunction):
+    """``triton_op`` for compiled kernels. Under the interpreter compile could not trace the kernels
+    (``wrap_triton`` hands them back unwrapped), so there the op is an opaque ``custom_op`` instead."""
+    if INTERPRETED:
         return torch.library.custom_op(ops.op_name(kind, "triton"), mutates_args=(), schema=schema)
     return triton_op(ops.op_name(kind, "triton"), mutates_args=(), schema=schema)
+
+
+def _launchable(kernel):
+    """The kernel as the host code launches it: ``wrap_triton``'s traceable form when compiled; under the
+    interpreter the kernel itself (torch 2.11's ``wrap_triton`` rejects interpreted kernels)."""
+    return kernel if INTERPRETED else wrap_triton(kernel)
 
 
 @_operator("forward", ops.FORWARD_SCHEMA)
@@ -250,7 +259,7 @@ def forward_triton(input_ids, weight, position_ids, position_weight, token_type_
         turns, phase = _sinusoid_turns(dim, position, sinusoid_base, weight.device)
     block_t, block_d, num_warps = launch_config(dim)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
-    wrap_triton(_forward_kernel)[grid](
+    _launchable(_forward_kernel)[grid](
         input_ids, weight, position_ids, position_weight, turns, phase, token_type_ids, segment_weight, out,
         num_tokens, dim, scale, past_length, max(seq_len, 1),
         POSITION=POSITION_CODES[position], HAS_POSITION_IDS=position_ids is not None,
@@ -276,7 +285,7 @@ def _sorted_sum(grad: torch.Tensor, keys: torch.Tensor, num_rows: int, scale: fl
     run_end = torch.where(starts_run & (sorted_keys != skip_key), run_end, index)
     _, block_d, _ = launch_config(dim)
     num_warps = max(block_d // 128, 1)  # one row per program: 4 columns per thread
-    wrap_triton(_sorted_sum_kernel)[(num_tokens, triton.cdiv(dim, block_d))](
+    _launchable(_sorted_sum_kernel)[(num_tokens, triton.cdiv(dim, block_d))](
         grad, order, sorted_keys, run_end, out, dim, scale, FP64=grad.dtype == torch.float64, BLOCK_D=block_d,
         num_warps=num_warps)
     return out
@@ -291,7 +300,7 @@ def _grad_rows(grad: torch.Tensor, token_type_ids: torch.Tensor | None, write_va
     num_blocks = triton.cdiv(num_tokens, block_t)
     partials = torch.zeros((num_blocks, num_segments, dim), dtype=compute_dtype(grad.dtype), device=grad.device)
     if num_tokens > 0 and dim > 0 and (write_values or num_segments > 0):
-        wrap_triton(_grad_rows_kernel)[(num_blocks, triton.cdiv(dim, block_d))](
+        _launchable(_grad_rows_kernel)[(num_blocks, triton.cdiv(dim, block_d))](
             grad, values, token_type_ids, partials, num_tokens, dim, scale, num_segments,
             WRITE_VALUES=write_values, SEGMENT_PARTIALS=num_segments > 0, HAS_TOKEN_TYPES=token_type_ids is not None,
             FP64=grad.dtype == torch.float64, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)

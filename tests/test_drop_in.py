@@ -1,7 +1,9 @@
 """Drop-in use: patched Hugging Face models match their unpatched selves; from_modules shares tables."""
 
 import copy
+import inspect
 import math
+import sys
 
 import pytest
 import torch
@@ -88,9 +90,11 @@ def test_patched_model_matches_unpatched(kind, dtype, train, backend, device):
 
 def test_roberta_positions_match_hugging_face_and_skip_the_padding_row():
     ids = torch.tensor([[5, 7, PAD, PAD], [PAD, 4, 4, 9]])
-    roberta = transformers.models.roberta.modeling_roberta.RobertaEmbeddings
+    modeling = transformers.models.roberta.modeling_roberta  # a static method from 5.0, a function before
+    hf_positions = getattr(modeling.RobertaEmbeddings, "create_position_ids_from_input_ids", None)
+    hf_positions = hf_positions or modeling.create_position_ids_from_input_ids
     for past in (0, 3):
-        expected = roberta.create_position_ids_from_input_ids(ids, PAD, past)
+        expected = hf_positions(ids, PAD, past)
         assert torch.equal(padding_aware_position_ids(ids, PAD, past), expected)
     model = bert_like("roberta", torch.float32)
     embedfast.patch_model(model, backend="reference")
@@ -100,6 +104,12 @@ def test_roberta_positions_match_hugging_face_and_skip_the_padding_row():
     assert grad[PAD].abs().max() == 0 and grad[PAD + 1].abs().max() > 0
 
 
+def own_argument_name(forward, candidates):
+    """The one name among ``candidates`` that an unpatched forward's signature has."""
+    (name,) = [name for name in candidates if name in inspect.signature(forward).parameters]
+    return name
+
+
 def test_gpt2_with_cache_matches_and_keeps_weights_tied():
     model = gpt2(torch.float32).eval()
     patched, _ = patched_copy(model, "auto")
@@ -107,13 +117,25 @@ def test_gpt2_with_cache_matches_and_keeps_weights_tied():
     ids = torch.randint(0, VOCAB, (2, 6))
     with torch.no_grad():
         first, first_patched = model(ids[:, :4], use_cache=True), patched(ids[:, :4], use_cache=True)
-        step = model(ids[:, 4:], past_key_values=first.past_key_values)
-        step_patched = patched(ids[:, 4:], past_key_values=first_patched.past_key_values)
+        torch.testing.assert_close(first_patched.logits, first.logits)
+        own = own_argument_name(type(model.transformer).forward, ("past_key_values", "cache"))
+        # GPT2Model itself, under its own name; from 5.24 (cache) also the old name, which it still maps
+        for name in {own, "past_key_values"}:
+            step = model.transformer(ids[:, 4:], **{name: copy.deepcopy(first.past_key_values)})
+            step_patched = patched.transformer(ids[:, 4:], **{name: copy.deepcopy(first_patched.past_key_values)})
+            torch.testing.assert_close(step_patched.last_hidden_state, step.last_hidden_state, msg=lambda m: f"{name}: {m}")
         embeds = model.transformer.wte(ids)
         by_embeds, by_embeds_patched = model(inputs_embeds=embeds), patched(inputs_embeds=embeds)
-    torch.testing.assert_close(first_patched.logits, first.logits)
-    torch.testing.assert_close(step_patched.logits, step.logits)
     torch.testing.assert_close(by_embeds_patched.logits, by_embeds.logits)
+
+
+def test_cache_length_of_a_cache_object_and_of_a_legacy_tuple():
+    keys = torch.zeros(2, 2, 7, 16)
+    assert embedfast.drop_in._cache_length(((keys, keys),)) == 7
+    assert embedfast.drop_in._cache_length(None) == 0
+    cache = transformers.DynamicCache()
+    cache.update(keys, keys, 0)
+    assert embedfast.drop_in._cache_length(cache) == 7
 
 
 def test_bert_inputs_embeds_and_past_length_pass_through():
@@ -121,8 +143,48 @@ def test_bert_inputs_embeds_and_past_length_pass_through():
     patched, _ = patched_copy(model, "auto")
     ids = torch.randint(2, VOCAB, (2, 5))
     embeds = model.embeddings.word_embeddings(ids)
-    for kwargs in ({"inputs_embeds": embeds}, {"input_ids": ids, "past_key_values_length": 4}):
+    past_name = own_argument_name(type(model.embeddings).forward, ("past_key_values_length", "cache_length"))
+    for kwargs in ({"inputs_embeds": embeds}, {"input_ids": ids, past_name: 4}):
         torch.testing.assert_close(patched.embeddings(**kwargs), model.embeddings(**kwargs))
+    torch.testing.assert_close(patched.embeddings(ids, None, None, None, 4), model.embeddings(ids, None, None, None, 4))
+    wrong_name = "cache_length" if past_name == "past_key_values_length" else "past_key_values_length"
+    for embeddings in (model.embeddings, patched.embeddings):  # a name this release does not take fails as before
+        with pytest.raises(TypeError, match=wrong_name):
+            embeddings(ids, **{wrong_name: 4})
+
+
+def test_patched_forward_reads_no_signature_per_call(monkeypatch):
+    bert, gpt = bert_like("bert", torch.float32).eval(), gpt2(torch.float32).eval()
+    embedfast.patch_model(bert), embedfast.patch_model(gpt)
+    ids = torch.randint(2, VOCAB, (2, 5))
+    bert(ids), gpt(ids)  # first calls: operators load and register once
+
+    signature = inspect.signature
+
+    def signature_outside_drop_in(*args, **kwargs):  # transformers' own layers may read signatures
+        assert sys._getframe(1).f_code.co_filename != embedfast.drop_in.__file__, "patch_model read a signature per call"
+        return signature(*args, **kwargs)
+
+    monkeypatch.setattr(inspect, "signature", signature_outside_drop_in)
+    bert(ids), gpt(ids)
+
+
+def test_unknown_forward_signature_is_left_untouched_and_reported():
+    class NewEmbeddings(nn.Module):  # a future release that renamed the past-length argument once more
+        def __init__(self):
+            super().__init__()
+            self.word_embeddings, self.position_embeddings = nn.Embedding(VOCAB, DIM), nn.Embedding(MAX_POSITIONS, DIM)
+            self.token_type_embeddings = nn.Embedding(2, DIM)
+            self.LayerNorm, self.dropout = nn.LayerNorm(DIM), nn.Dropout(0.0)
+
+        def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, offset=0):
+            raise NotImplementedError
+
+    model = nn.Sequential(NewEmbeddings())
+    with pytest.warns(UserWarning, match="unchanged"):
+        report = embedfast.patch_model(model)
+    assert type(model[0]) is NewEmbeddings
+    assert "unsupported forward signature" in str(report) and "cache_length" in str(report)
 
 
 def test_unrecognised_model_is_left_untouched_with_a_message():
