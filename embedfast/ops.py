@@ -24,6 +24,9 @@ backward: one pass over grad_out, returns (token_grad, position_grad, segment_gr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from .reference import reference_backward, reference_forward, resolve_positions
 
 FORWARD_SCHEMA = (
     "(Tensor input_ids, Tensor weight, Tensor? position_ids, Tensor? position_weight, "
@@ -49,15 +52,50 @@ def define_ops(backend: str) -> None:
 
 
 def register_fake_and_autograd(backend: str) -> None:
-    """Shape functions and the autograd formula, the same for every backend."""
+    """Shape functions and derivatives, the same for every backend: on the operators themselves (reverse
+    mode, also twice) and on the ``autograd.Function``s that ``fused_function`` calls (every mode)."""
     torch.library.register_fake(op_name("forward", backend), _forward_fake)
     torch.library.register_fake(op_name("backward", backend), _backward_fake)
+    forward_op = getattr(torch.ops.embedfast, f"forward_{backend}")
     backward_op = getattr(torch.ops.embedfast, f"backward_{backend}")
 
     def backward(ctx, grad_out):
-        return _backward(ctx, grad_out, backward_op)
+        return _backward(ctx, grad_out, backward_op, torch.ops.embedfast.sparse_rows)
 
     torch.library.register_autograd(op_name("forward", backend), backward, setup_context=_setup_context)
+    torch.library.register_autograd(op_name("backward", backend), _backward_adjoint, setup_context=_setup_backward_context)
+
+    backward_function = _function(f"backward_{backend}", backward_op, _setup_backward_context, _backward_adjoint,
+                                  jvp=lambda ctx, grad_out_tangent, *_: _backward_tangent(ctx, grad_out_tangent, backward_op))
+    _FUNCTIONS[backend] = _function(
+        f"forward_{backend}", forward_op, _setup_forward_context,
+        lambda ctx, grad_out: _backward(ctx, grad_out, backward_function.apply, _SparseRows.apply),
+        jvp=lambda ctx, *tangents: _tangent(ctx, tangents, forward_op))
+
+
+_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+
+
+def fused_function(backend: str):
+    """The forward operator of a loaded backend, differentiable in every mode PyTorch has: reverse (also
+    twice), forward mode and ``torch.func`` (``grad``, ``jvp``, ``jacfwd``, ``jacrev``, ``vmap``).
+
+    While ``torch.compile`` traces, the operator itself (reverse mode through ``register_autograd``):
+    Dynamo cannot trace an ``autograd.Function`` with a ``jvp``, and compiled graphs have no forward mode.
+    """
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.embedfast, f"forward_{backend}")
+    return _FUNCTIONS[backend].apply
+
+
+def _function(name: str, op, setup_context, backward, jvp=None) -> type[torch.autograd.Function]:
+    """``op`` as an ``autograd.Function`` of the form ``torch.func`` takes (``setup_context``, a generated vmap
+    rule). ``register_autograd``'s own wrapper has neither, nor a forward-mode formula."""
+    members = {"generate_vmap_rule": True, "forward": staticmethod(lambda *inputs: op(*inputs)),
+               "setup_context": staticmethod(setup_context), "backward": staticmethod(backward)}
+    if jvp is not None:
+        members["jvp"] = staticmethod(jvp)
+    return type(f"{name}_function", (torch.autograd.Function,), members)
 
 
 def _forward_fake(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, scale, position,
@@ -83,7 +121,16 @@ def _setup_context(ctx, inputs, output):
     ctx.past_length, ctx.seq_len, ctx.check_bounds = past_length, seq_len, check_bounds
 
 
-def _backward(ctx, grad_out, backward_op):
+def _setup_forward_context(ctx, inputs, output):
+    """``_setup_context``, and what the forward-mode formula needs."""
+    _setup_context(ctx, inputs, output)
+    input_ids, weight, position_ids, _, token_type_ids = inputs[:5]
+    ctx.save_for_forward(input_ids, position_ids, token_type_ids)
+    ctx.learned = inputs[7] == "learned"
+    ctx.dim, ctx.weight_dtype, ctx.weight_device = weight.shape[1], weight.dtype, weight.device
+
+
+def _backward(ctx, grad_out, backward_op, sparse_rows):
     input_ids, position_ids, token_type_ids = ctx.saved_tensors
     wants = ctx.needs_input_grad
     grad_out = grad_out.contiguous()
@@ -95,14 +142,70 @@ def _backward(ctx, grad_out, backward_op):
         ctx.padding_idx, ctx.scale, ctx.num_positions if wants[3] else 0, ctx.num_segments if wants[5] else 0,
         ctx.past_length, ctx.seq_len, ctx.check_bounds)
     if gather_rows:
-        indices, values = torch.ops.embedfast.sparse_rows(input_ids, grad_out, ctx.padding_idx, ctx.scale)
+        indices, values = sparse_rows(input_ids, grad_out, ctx.padding_idx, ctx.scale)
         weight_grad = _sparse_coo(indices, values, ctx.num_embeddings)
-    elif token_grad == "sparse":
-        weight_grad = _sparse_coo(input_ids.to(torch.int64).unsqueeze(0), weight_grad, ctx.num_embeddings)
+    elif token_grad == "sparse":  # indices copied: the gradient must not change when the caller reuses its ids
+        weight_grad = _sparse_coo(input_ids.to(torch.int64, copy=True).unsqueeze(0), weight_grad, ctx.num_embeddings)
     elif token_grad == "none":
         weight_grad = None
     return (None, weight_grad, None, position_grad if wants[3] else None, None, segment_grad if wants[5] else None,
             None, None, None, None, None, None, None, None, None)
+
+
+def _tangent(ctx, tangents, forward_op):
+    """Forward mode: the operator is affine in its tables, so the output's tangent is the operator applied to
+    the tables' tangents, without the sinusoid (a constant); a table without a tangent contributes nothing."""
+    input_ids, position_ids, token_type_ids = ctx.saved_tensors
+    _, weight_tangent, _, position_tangent, _, segment_tangent = tangents[:6]
+    if weight_tangent is None:
+        weight_tangent = torch.zeros(ctx.num_embeddings, ctx.dim, dtype=ctx.weight_dtype, device=ctx.weight_device)
+    learned = ctx.learned and position_tangent is not None
+    return forward_op(
+        input_ids, weight_tangent, position_ids if learned else None, position_tangent if learned else None,
+        token_type_ids if segment_tangent is not None else None, segment_tangent, ctx.scale,
+        "learned" if learned else "none", 0.0, position_tangent.shape[0] if learned else 0, ctx.past_length,
+        ctx.seq_len, -1, False, ctx.check_bounds)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    (grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, padding_idx, scale,
+     num_positions, num_segments, past_length, seq_len, check_bounds) = inputs
+    ctx.save_for_backward(input_ids, position_ids, token_type_ids)
+    ctx.token_grad, ctx.num_embeddings, ctx.padding_idx, ctx.scale = token_grad, num_embeddings, padding_idx, scale
+    ctx.num_positions, ctx.num_segments, ctx.past_length, ctx.seq_len = num_positions, num_segments, past_length, seq_len
+    ctx.check_bounds = check_bounds
+    if hasattr(ctx, "save_for_forward"):  # an autograd.Function's context (register_autograd's has no forward mode)
+        ctx.save_for_forward(input_ids, position_ids, token_type_ids)
+
+
+def _backward_tangent(ctx, grad_out_tangent, backward_op):
+    """Forward mode through the backward (forward-over-reverse): it is linear in ``grad_out``."""
+    input_ids, position_ids, token_type_ids = ctx.saved_tensors
+    return backward_op(grad_out_tangent, input_ids, position_ids, token_type_ids, ctx.token_grad, ctx.num_embeddings,
+                       ctx.padding_idx, ctx.scale, ctx.num_positions, ctx.num_segments, ctx.past_length, ctx.seq_len,
+                       ctx.check_bounds)
+
+
+def _backward_adjoint(ctx, token_cotangent, position_cotangent, segment_cotangent):
+    """Double backward. The backward is linear in ``grad_out``; its adjoint gathers the cotangents of the
+    three gradients back onto the tokens: ``scale * Gw[ids] + Gp[pos] + Gs[seg]`` (per token for sparse values),
+    in plain differentiable PyTorch so it works on every backend and can be differentiated again."""
+    input_ids, position_ids, token_type_ids = ctx.saved_tensors
+    ids = input_ids.long()
+    if ctx.token_grad == "sparse":
+        grad = token_cotangent * ctx.scale
+    elif ctx.token_grad == "dense":
+        keep = (ids != ctx.padding_idx).unsqueeze(-1)
+        grad = torch.where(keep, F.embedding(ids, token_cotangent), 0) * ctx.scale
+    else:
+        grad = token_cotangent.new_zeros(ids.shape[0], token_cotangent.shape[1])
+    if ctx.num_positions > 0:
+        positions = resolve_positions(position_ids, ids.shape[0], ctx.past_length, ctx.seq_len, ids.device)
+        grad = grad + F.embedding(positions, position_cotangent)
+    if ctx.num_segments > 0:
+        segments = token_type_ids.long() if token_type_ids is not None else torch.zeros_like(ids)
+        grad = grad + F.embedding(segments, segment_cotangent)
+    return (grad,) + (None,) * 12
 
 
 def _sparse_coo(indices, values, num_embeddings):
@@ -121,6 +224,24 @@ def _sparse_rows(input_ids, grad_out, padding_idx, scale):
     return input_ids[keep].to(torch.int64).unsqueeze(0), grad_out[keep].mul_(scale)
 
 
+def _setup_sparse_rows_context(ctx, inputs, output):
+    input_ids, grad_out, padding_idx, scale = inputs
+    ctx.save_for_backward(input_ids)
+    ctx.padding_idx, ctx.scale = padding_idx, scale
+
+
+def _sparse_rows_adjoint(ctx, _indices_cotangent, values_cotangent):
+    (input_ids,) = ctx.saved_tensors
+    keep = input_ids != ctx.padding_idx
+    grad = values_cotangent.new_zeros(input_ids.shape[0], values_cotangent.shape[1])
+    return None, grad.index_put((keep,), values_cotangent * ctx.scale), None, None
+
+
+# differentiable through this Function only: registered on the op, the autograd wrapper would make AOT dispatch
+# trace its data-dependent output size under static shapes (and compiled graphs have no double backward anyway)
+_SparseRows = _function("sparse_rows", torch.ops.embedfast.sparse_rows, _setup_sparse_rows_context, _sparse_rows_adjoint)
+
+
 @torch.library.register_fake("embedfast::sparse_rows")
 def _sparse_rows_fake(input_ids, grad_out, padding_idx, scale):
     kept = torch.library.get_ctx().new_dynamic_size()
@@ -128,8 +249,6 @@ def _sparse_rows_fake(input_ids, grad_out, padding_idx, scale):
 
 
 def _register_reference() -> None:
-    from .reference import reference_backward, reference_forward
-
     define_ops("reference")
     torch.library.impl(op_name("forward", "reference"), "CompositeExplicitAutograd")(reference_forward)
     torch.library.impl(op_name("backward", "reference"), "CompositeExplicitAutograd")(reference_backward)

@@ -1,6 +1,8 @@
 """The public API contract: names, defaults, parameters, state_dict, backend selection."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -65,7 +67,7 @@ def test_unavailable_backend_fails_with_reason(monkeypatch):
 def test_environment_variable_overrides_auto(monkeypatch):
     calls = []
     monkeypatch.setenv("EMBEDFAST_BACKEND", "reference")
-    monkeypatch.setattr(embedfast.functional, "forward_op", lambda backend: calls.append(backend) or embedfast.backends.forward_op(backend))
+    monkeypatch.setattr(embedfast.functional, "fused_function", lambda backend: calls.append(backend) or embedfast.ops.fused_function(backend))
     FusedInputEmbedding(10, 4)(torch.tensor([1, 2]))
     assert calls == ["reference"]
     monkeypatch.setenv("EMBEDFAST_BACKEND", "nonsense")
@@ -91,3 +93,38 @@ def test_scalar_input_id(backend, device):
     out = module(torch.tensor(5, device=device))
     assert out.shape == (16,)
     assert torch.equal(out, module(torch.tensor([5], device=device))[0])
+
+
+BROKEN_EXTENSION = '''
+import importlib.abc, importlib.machinery, sys, warnings
+
+class BrokenExtension(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """An embedfast._C that exists but cannot load, as one built against another torch."""
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == "embedfast._C" else None
+    def create_module(self, spec):
+        raise ImportError("undefined symbol: _ZN3c104cuda19CUDAErrorLogCaptureC1Ev")
+    def exec_module(self, module):
+        pass
+
+sys.meta_path.insert(0, BrokenExtension())
+import torch, embedfast
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    module = embedfast.FusedInputEmbedding(10, 4)
+    module(torch.tensor([1, 2])), module(torch.tensor([3]))
+messages = [str(w.message) for w in caught if "embedfast" in str(w.message)]
+print(len(messages))
+print(messages[0] if messages else "")
+print(embedfast.available_backends())
+'''
+
+
+def test_auto_warns_once_when_the_extension_is_built_but_does_not_load():
+    result = subprocess.run([sys.executable, "-c", BROKEN_EXTENSION], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    count, message, backends = result.stdout.strip().splitlines()
+    assert count == "1"
+    assert "falls back from the extension" in message and "undefined symbol" in message
+    assert "pip install --no-build-isolation" in message
+    assert "extension" not in backends and "reference" in backends

@@ -46,13 +46,14 @@ def _op_samples(device):
 def test_opcheck(backend, device):
     for args in _op_samples(device):
         torch.library.opcheck(forward_op(backend), args)
-    grad = torch.randn(6, 5, device=device)
     ids, types = _inputs(device)
     backward = getattr(torch.ops.embedfast, f"backward_{backend}")
-    for token_grad in ("sparse", "dense", "none"):
-        for check_bounds in (True, False):
-            torch.library.opcheck(backward, (grad, ids, None, types, token_grad, 9, 2, 2.0, 8, 2, 1, 3, check_bounds))
-    torch.library.opcheck(torch.ops.embedfast.sparse_rows, (ids, grad, int(ids[0]), 2.0))
+    for requires_grad in (False, True):  # the backward is differentiable too (double backward)
+        grad = torch.randn(6, 5, device=device, requires_grad=requires_grad)
+        for token_grad in ("sparse", "dense", "none"):
+            for check_bounds in (True, False):
+                torch.library.opcheck(backward, (grad, ids, None, types, token_grad, 9, 2, 2.0, 8, 2, 1, 3, check_bounds))
+    torch.library.opcheck(torch.ops.embedfast.sparse_rows, (ids, grad.detach(), int(ids[0]), 2.0))
 
 
 def test_compile_fullgraph_matches_eager(backend, device):

@@ -56,14 +56,24 @@ def test_sparse_gradient_has_one_row_per_non_padding_token(dtype, backend, devic
     torch.testing.assert_close(grad._values(), reference.weight.grad._values())
 
 
-def test_frozen_tables_get_no_gradient(backend, device):
-    case = Case(position="learned", max_positions=8, segments=2)
+@pytest.mark.parametrize("frozen", [("weight",), ("segment_weight",), ("position_weight",), ("weight", "segment_weight")],
+                         ids="-".join)
+def test_frozen_tables_get_no_gradient_and_the_others_stay_right(frozen, backend, device):
+    case = Case(shape=(3, 20), position="learned", max_positions=24, segments=3, sparse=False)
     module = case.module(torch.float32, device, backend)
-    module.weight.requires_grad_(False)
-    module.segment_weight.requires_grad_(False)
-    module(**case.inputs(device)).sum().backward()
-    assert module.weight.grad is None and module.segment_weight.grad is None
-    assert module.position_weight.grad is not None
+    inputs = case.inputs(device, torch.Generator().manual_seed(len(frozen)))
+    tables = {name: getattr(module, name) for name in ("weight", "position_weight", "segment_weight")}
+    for name in frozen:
+        tables[name].requires_grad_(False)
+    grad_out = torch.randn(case.shape + (case.dim,), generator=torch.Generator().manual_seed(1)).to(device)
+    module(**inputs).backward(grad_out)
+    module.backend = "reference"
+    trained = [table for table in tables.values() if table.requires_grad]
+    expected = torch.autograd.grad(module(**inputs), trained, grad_out)
+    for name, table in tables.items():
+        assert (table.grad is None) == (name in frozen), name
+    for table, truth in zip(trained, expected):
+        torch.testing.assert_close(table.grad, truth)
 
 
 @pytest.mark.parametrize("seq_len", [5, 1000], ids=["ragged-last-sequence", "longer-than-the-input"])

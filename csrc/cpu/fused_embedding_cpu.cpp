@@ -455,7 +455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_backward_cpu", [&] {
     const index_t* ids = input_ids.data_ptr<index_t>();
     const index_t* pos_ids = data_or_null<index_t>(position_ids);
-    const index_t* seg_ids = data_or_null<index_t>(token_type_ids);
+    // token types are read only for a segment gradient: with a frozen segment table they index nothing
+    const index_t* seg_ids = num_segments > 0 ? data_or_null<index_t>(token_type_ids) : nullptr;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "embedfast_backward_cpu", [&] {
       using acc_t = math_t<scalar_t>;
       const scalar_t* grad = grad_out.data_ptr<scalar_t>();
