@@ -1,12 +1,14 @@
 # make test    -- create .venv from requirements.lock, build embedfast in place, run the test suite
 # make bench   -- the same set-up, then the benchmark report (python -m embedfast bench)
 # make compat  -- core and drop-in tests against the oldest supported transformers and torch (compat/run)
+# make gpu-check OUT=DIR -- on a lent GPU machine, with its own python3: build, GPU tests, sanitizers, bench (gpu/check)
+# make gpu-check-dry      -- the steps of gpu-check that need no GPU (CI runs it)
 # make lock    -- re-resolve requirements-dev.txt into requirements.lock in a fresh venv (then run make test)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test bench compat lock setup clean
+.PHONY: test bench compat gpu-check gpu-check-dry lock setup clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +28,13 @@ bench: setup
 
 compat: setup
 	bash compat/run
+
+OUT ?= gpu-check-out
+gpu-check:
+	bash gpu/check $(OUT)
+
+gpu-check-dry: setup
+	PYTHON=$(PY) bash gpu/check --dry-run build/gpu-check-dry
 
 lock:
 	rm -rf build/lock-venv

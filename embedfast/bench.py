@@ -1,8 +1,9 @@
 """``python -m embedfast bench``: each backend against eager PyTorch, torch.compile and the physical floor.
 
 For every contender it prints the median time, the bytes the operator must move (counted explicitly),
-GB/s, the time relative to the floor (a bare gather of the same rows for forward, a bare scaled copy of
-``grad_out`` for backward) and the speed-up over eager PyTorch and over ``torch.compile``. Each contender
+GB/s, the time relative to two floors (a bare gather of the same rows for forward or a bare scaled copy of
+``grad_out`` for backward; and a plain copy of the bytes the operator must move) and the speed-up over eager
+PyTorch and over ``torch.compile``. On CUDA, times come from CUDA events. Each contender
 is first checked against the float64 reference; one that disagrees is marked and not timed.
 """
 
@@ -65,6 +66,7 @@ class Result:
     gbps: float | None
     status: str = "ok"
     times_floor: float | None = None
+    times_copy: float | None = None
     speedup_vs_eager: float | None = None
     speedup_vs_compile: float | None = None
 
@@ -96,6 +98,8 @@ class Contenders:
             self.position_table = self.position_weight
         self.positions = torch.arange(p.seq_len, device=p.device).expand(p.batch, p.seq_len)
         self.gather_out = torch.empty(p.tokens, p.dim, dtype=p.dtype, device=p.device)
+        self.copy_buffers = {direction: [torch.empty(p.bytes_moved(direction) // 2, dtype=torch.uint8, device=p.device)
+                                         for _ in range(2)] for direction in ("forward", "backward")}
         self.grad_out = torch.randn(p.batch, p.seq_len, p.dim, generator=generator).to(p.device, p.dtype)
         self.compiled = torch.compile(self.eager)
 
@@ -110,9 +114,17 @@ class Contenders:
         fns["eager"] = lambda: self.eager(self.ids, self.types)
         fns["torch.compile"] = lambda: self.compiled(self.ids, self.types)
         fns["floor"] = lambda: torch.index_select(self.weight.detach(), 0, self.ids.view(-1), out=self.gather_out)
+        fns["copy"] = self.copy_fn("forward")
         return fns
 
+    def copy_fn(self, direction: str) -> Callable[[], torch.Tensor]:
+        """A plain copy that reads and writes as many bytes as the operator must move: the bandwidth roof."""
+        destination, source = self.copy_buffers[direction]
+        return lambda: destination.copy_(source)
+
     def backward_fn(self, name: str, forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        if name == "copy":
+            return self.copy_fn("backward")
         if name == "floor":
             grad = self.grad_out.view(-1, self.problem.dim)
             return lambda: torch.mul(grad, self.scale, out=self.gather_out)
@@ -175,7 +187,7 @@ def run(problem: Problem, backends: list[str], directions: list[str], warmup: in
     results = []
     forward_fns = {}
     for name, forward in contenders.forward_fns().items():
-        if name != "floor":
+        if name not in ("floor", "copy"):
             with torch.no_grad():
                 error = float((forward().double() - expected).abs().max())
             if error > tol * float(expected.abs().max()):
@@ -184,7 +196,7 @@ def run(problem: Problem, backends: list[str], directions: list[str], warmup: in
         forward_fns[name] = forward
     for direction in directions:
         progress(f"{direction:8s} {', '.join(forward_fns)}")
-        fns = {name: (_no_grad(forward) if name != "floor" else forward) if direction == "forward"
+        fns = {name: (_no_grad(forward) if name not in ("floor", "copy") else forward) if direction == "forward"
                else contenders.backward_fn(name, forward) for name, forward in forward_fns.items()}
         nbytes = problem.bytes_moved(direction)
         for name, ms in time_side_by_side(fns, problem.device, warmup, repeats).items():
@@ -206,15 +218,17 @@ def _add_ratios(results: list[Result]) -> None:
         for row in rows.values():
             if row.median_ms is None:
                 continue
-            for attr, base in (("times_floor", "floor"), ("speedup_vs_eager", "eager"), ("speedup_vs_compile", "torch.compile")):
+            for attr, base in (("times_floor", "floor"), ("times_copy", "copy"), ("speedup_vs_eager", "eager"),
+                               ("speedup_vs_compile", "torch.compile")):
                 other = rows.get(base)
                 if other is not None and other.median_ms:
-                    value = row.median_ms / other.median_ms if attr == "times_floor" else other.median_ms / row.median_ms
+                    value = row.median_ms / other.median_ms if attr.startswith("times") else other.median_ms / row.median_ms
                     setattr(row, attr, value)
 
 
 def format_table(problem: Problem, results: list[Result]) -> str:
-    header = f"{'direction':9s} {'contender':22s} {'median ms':>10s} {'MB moved':>9s} {'GB/s':>7s} {'x floor':>8s} {'vs eager':>9s} {'vs compile':>11s}"
+    header = (f"{'direction':9s} {'contender':22s} {'median ms':>10s} {'MB moved':>9s} {'GB/s':>7s} {'x floor':>8s} "
+              f"{'x copy':>7s} {'vs eager':>9s} {'vs compile':>11s}")
     lines = [header, "-" * len(header)]
     for r in results:
         if r.median_ms is None:
@@ -222,7 +236,8 @@ def format_table(problem: Problem, results: list[Result]) -> str:
             continue
         fmt = lambda v, suffix="x": f"{v:.2f}{suffix}" if v is not None else "-"  # noqa: E731
         lines.append(f"{r.direction:9s} {r.contender:22s} {r.median_ms:10.3f} {problem.bytes_moved(r.direction) / 1e6:9.1f} "
-                     f"{r.gbps:7.1f} {fmt(r.times_floor):>8s} {fmt(r.speedup_vs_eager):>9s} {fmt(r.speedup_vs_compile):>11s}")
+                     f"{r.gbps:7.1f} {fmt(r.times_floor):>8s} {fmt(r.times_copy):>7s} {fmt(r.speedup_vs_eager):>9s} "
+                     f"{fmt(r.speedup_vs_compile):>11s}")
     return "\n".join(lines)
 
 
@@ -272,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m embedfast bench [options]   (--help for the options)", file=sys.stderr)
         return 2
     args = parse_args(argv[1:])
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"embedfast bench: --device {args.device} needs a visible CUDA GPU, and torch sees none "
+              f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})", file=sys.stderr)
+        return 2
     if not args.device.startswith("cuda"):
         _reexec_with_allocator_settings(argv[1:])
     if args.quick:

@@ -1,4 +1,4 @@
-"""The embedfast operators: schemas (declared here, once), fake kernels and autograd.
+"""The embedfast operators: schemas (declared here, once), fake kernels and every derivative.
 
 Every backend implements the same two operators under its own name, ``embedfast::forward_<backend>``
 and ``embedfast::backward_<backend>``, so each backend can be picked explicitly on any device
@@ -65,7 +65,7 @@ def register_fake_and_autograd(backend: str) -> None:
     torch.library.register_autograd(op_name("forward", backend), backward, setup_context=_setup_context)
     torch.library.register_autograd(op_name("backward", backend), _backward_adjoint, setup_context=_setup_backward_context)
 
-    backward_function = _function(f"backward_{backend}", backward_op, _setup_backward_context, _backward_adjoint,
+    backward_function = _function(f"backward_{backend}", backward_op, _setup_backward_forward_mode_context, _backward_adjoint,
                                   jvp=lambda ctx, grad_out_tangent, *_: _backward_tangent(ctx, grad_out_tangent, backward_op))
     _FUNCTIONS[backend] = _function(
         f"forward_{backend}", forward_op, _setup_forward_context,
@@ -174,8 +174,12 @@ def _setup_backward_context(ctx, inputs, output):
     ctx.token_grad, ctx.num_embeddings, ctx.padding_idx, ctx.scale = token_grad, num_embeddings, padding_idx, scale
     ctx.num_positions, ctx.num_segments, ctx.past_length, ctx.seq_len = num_positions, num_segments, past_length, seq_len
     ctx.check_bounds = check_bounds
-    if hasattr(ctx, "save_for_forward"):  # an autograd.Function's context (register_autograd's has no forward mode)
-        ctx.save_for_forward(input_ids, position_ids, token_type_ids)
+
+
+def _setup_backward_forward_mode_context(ctx, inputs, output):
+    """``_setup_backward_context``, and what forward mode through the backward needs."""
+    _setup_backward_context(ctx, inputs, output)
+    ctx.save_for_forward(*inputs[1:4])
 
 
 def _backward_tangent(ctx, grad_out_tangent, backward_op):

@@ -124,6 +124,8 @@ def test_torch_func_transforms_match_plain_pytorch(backend, device):
 
     for actual, expected in zip(torch.func.grad(loss(fused), (0, 1, 2))(*tables), torch.func.grad(loss(plain), (0, 1, 2))(*tables)):
         torch.testing.assert_close(actual, expected)
+    # forward over reverse: jacfwd of jacrev
+    torch.testing.assert_close(torch.func.hessian(loss(fused), 2)(*tables), torch.func.hessian(loss(plain), 2)(*tables))
 
 
 def test_vmap_over_a_batch_of_ids_matches_a_loop(backend, device):
