@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .backends import resolve_backend
-from .ops import fused_function
+from .ops import fused_forward
 from .positions import SINUSOID_LAYOUTS
 from .validation import (
     POSITION_MODES,
@@ -94,9 +94,9 @@ def fused_input_embedding(
 
     input_ids, position_ids, token_type_ids = _common_index_dtype(input_ids.reshape(-1).contiguous(), position_ids, token_type_ids)
     weight, position_weight, segment_weight = (None if t is None else t.contiguous() for t in (weight, position_weight, segment_weight))
-    op = fused_function(resolve_backend(backend, weight.device))
-    out = op(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, embed_scale,
-             mode, float(sinusoid_base), bound, past_length, seq_len, padding, bool(sparse), bool(check_bounds))
+    out = fused_forward(resolve_backend(backend, weight.device), input_ids, weight, position_ids, position_weight,
+                        token_type_ids, segment_weight, embed_scale, mode, float(sinusoid_base), bound, past_length,
+                        seq_len, padding, bool(sparse), bool(check_bounds))
     return out.view(*shape, dim)
 
 

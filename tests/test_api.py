@@ -67,7 +67,8 @@ def test_unavailable_backend_fails_with_reason(monkeypatch):
 def test_environment_variable_overrides_auto(monkeypatch):
     calls = []
     monkeypatch.setenv("EMBEDFAST_BACKEND", "reference")
-    monkeypatch.setattr(embedfast.functional, "fused_function", lambda backend: calls.append(backend) or embedfast.ops.fused_function(backend))
+    monkeypatch.setattr(embedfast.functional, "fused_forward",
+                        lambda backend, *inputs: calls.append(backend) or embedfast.ops.fused_forward(backend, *inputs))
     FusedInputEmbedding(10, 4)(torch.tensor([1, 2]))
     assert calls == ["reference"]
     monkeypatch.setenv("EMBEDFAST_BACKEND", "nonsense")
