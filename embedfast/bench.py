@@ -98,8 +98,6 @@ class Contenders:
             self.position_table = self.position_weight
         self.positions = torch.arange(p.seq_len, device=p.device).expand(p.batch, p.seq_len)
         self.gather_out = torch.empty(p.tokens, p.dim, dtype=p.dtype, device=p.device)
-        self.copy_buffers = {direction: [torch.empty(p.bytes_moved(direction) // 2, dtype=torch.uint8, device=p.device)
-                                         for _ in range(2)] for direction in ("forward", "backward")}
         self.grad_out = torch.randn(p.batch, p.seq_len, p.dim, generator=generator).to(p.device, p.dtype)
         self.compiled = torch.compile(self.eager)
 
@@ -119,7 +117,8 @@ class Contenders:
 
     def copy_fn(self, direction: str) -> Callable[[], torch.Tensor]:
         """A plain copy that reads and writes as many bytes as the operator must move: the bandwidth roof."""
-        destination, source = self.copy_buffers[direction]
+        size = self.problem.bytes_moved(direction) // 2
+        source, destination = (torch.empty(size, dtype=torch.uint8, device=self.problem.device) for _ in range(2))
         return lambda: destination.copy_(source)
 
     def backward_fn(self, name: str, forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
