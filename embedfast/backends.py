@@ -45,10 +45,16 @@ def _load_failure(backend: str) -> str | None:
     return None
 
 
+def check_backend_name(backend: str) -> None:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device``, or None if it can."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        raise ValueError("unavailable_reason takes a backend's name, not 'auto'")
+    check_backend_name(backend)
     if backend == "reference":
         return None
     if device.type not in ("cpu", "cuda"):

@@ -26,9 +26,9 @@ from .backends import available_backends
 from .module import FusedInputEmbedding
 from .positions import sinusoidal_positions
 from .reference import unfused_input_embedding
+from .spec import TOLERANCE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # glibc's allocator returns big freed blocks to the OS, so every 50 MB output page-faults again; these keep
 # them (set for every contender alike: the launcher re-executes itself with them)
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"

@@ -6,11 +6,12 @@ import torch
 
 from .backends import resolve_backend
 from .ops import fused_forward
-from .positions import SINUSOID_LAYOUTS
+from .spec import ForwardInputs, GradientOptions, PositionMode, position_mode
 from .validation import (
-    POSITION_MODES,
     check_broadcastable,
     check_index_tensor,
+    check_nonnegative_int,
+    check_position_settings,
     check_same_device,
     check_table,
     normalize_padding_idx,
@@ -34,6 +35,8 @@ def fused_input_embedding(
     padding_idx: int | None = None,
     sparse: bool = True,
     past_length: int = 0,
+    cu_seqlens: torch.Tensor | None = None,
+    position_offset: int = 0,
     check_bounds: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -56,6 +59,12 @@ def fused_input_embedding(
         padding_idx: as in ``nn.Embedding``: that row gets no gradient.
         sparse: the token table's gradient is a sparse COO tensor (as ``nn.Embedding(sparse=True)``).
         past_length: offset of the default positions (KV-cache decoding).
+        cu_seqlens: packed sequences: 1-D int32/int64 boundaries ``[0, l1, l1 + l2, ..., N]`` of the
+            documents in the ``N`` flattened tokens; token ``n`` of document ``i`` is at position
+            ``position_offset + n - cu_seqlens[i]``, computed inside the kernels. Not with
+            ``position_ids`` or ``past_length``.
+        position_offset: added to every default (or packed) position; RoBERTa-style tables start
+            at ``padding_idx + 1``. Not with ``position_ids``.
         check_bounds: how out-of-range ids are caught on CUDA. True: read back before launch and
             reported as an ``IndexError`` naming the value (one host synchronization). False: a
             device-side assertion (no synchronization; needed under CUDA-graph capture, where it is
@@ -70,21 +79,17 @@ def fused_input_embedding(
     check_table("weight", weight)
     check_same_device("input_ids", input_ids, weight)
     shape, dim = input_ids.shape, weight.shape[1]
-    seq_len = shape[-1] if len(shape) > 0 else 1
-    embed_scale = resolve_scale(scale, dim)
-    padding = normalize_padding_idx(padding_idx, weight.shape[0])
-    if isinstance(past_length, bool) or not isinstance(past_length, int) or past_length < 0:
-        raise ValueError(f"past_length must be an int >= 0, got {past_length!r}")
-
+    check_nonnegative_int("past_length", past_length)
+    check_nonnegative_int("position_offset", position_offset)
     mode, bound = _position_mode(position, position_weight, max_positions, sinusoid_layout, weight)
     if position_ids is not None:
-        if mode == "none":
+        if mode == PositionMode.NONE:
             raise ValueError("position_ids were given, but position='none'")
+        if position_offset or cu_seqlens is not None:
+            raise ValueError("position_ids were given with position_offset or cu_seqlens: position_ids are the positions")
         position_ids = _flat_indices("position_ids", position_ids, shape, weight)
-    elif bound > 0 and past_length + seq_len > bound:
-        raise IndexError(f"positions reach {past_length + seq_len - 1} (past_length={past_length}, seq_len={seq_len}), "
-                         f"out of range for max_positions={bound}")
-
+    if cu_seqlens is not None:
+        cu_seqlens = _boundaries(cu_seqlens, past_length, weight)
     if segment_weight is not None:
         check_table("segment_weight", segment_weight, weight)
     if token_type_ids is not None:
@@ -92,32 +97,41 @@ def fused_input_embedding(
             raise ValueError("token_type_ids were given, but there is no segment table (num_segments=0)")
         token_type_ids = _flat_indices("token_type_ids", token_type_ids, shape, weight)
 
-    input_ids, position_ids, token_type_ids = _common_index_dtype(input_ids.reshape(-1).contiguous(), position_ids, token_type_ids)
-    weight, position_weight, segment_weight = (None if t is None else t.contiguous() for t in (weight, position_weight, segment_weight))
-    out = fused_forward(resolve_backend(backend, weight.device), input_ids, weight, position_ids, position_weight,
-                        token_type_ids, segment_weight, embed_scale, mode, float(sinusoid_base), bound, past_length,
-                        seq_len, padding, bool(sparse), bool(check_bounds))
-    return out.view(*shape, dim)
+    input_ids, position_ids, token_type_ids, cu_seqlens = _common_index_dtype(
+        input_ids.reshape(-1).contiguous(), position_ids, token_type_ids, cu_seqlens)
+    inputs = ForwardInputs(
+        input_ids=input_ids, weight=weight.contiguous(), position_ids=position_ids,
+        position_weight=None if position_weight is None else position_weight.contiguous(), token_type_ids=token_type_ids,
+        segment_weight=None if segment_weight is None else segment_weight.contiguous(), cu_seqlens=cu_seqlens,
+        scale=resolve_scale(scale, dim), position_mode=int(mode), sinusoid_base=float(sinusoid_base), max_positions=bound,
+        position_offset=past_length + position_offset, seq_len=shape[-1] if len(shape) > 0 else 1,
+        check_bounds=bool(check_bounds))
+    options = GradientOptions(padding_idx=normalize_padding_idx(padding_idx, weight.shape[0]), sparse=bool(sparse))
+    return fused_forward(resolve_backend(backend, weight.device), inputs, options).view(*shape, dim)
 
 
-def _position_mode(position, position_weight, max_positions, sinusoid_layout, weight) -> tuple[str, int]:
+def _position_mode(position, position_weight, max_positions, sinusoid_layout, weight) -> tuple[PositionMode, int]:
     """The operator's position mode and the bound positions are checked against (0: none)."""
-    if position not in POSITION_MODES:
-        raise ValueError(f"position must be one of {POSITION_MODES}, got {position!r}")
-    if sinusoid_layout not in SINUSOID_LAYOUTS:
-        raise ValueError(f"sinusoid_layout must be one of {SINUSOID_LAYOUTS}, got {sinusoid_layout!r}")
+    check_position_settings(position, sinusoid_layout, max_positions)
     if position == "learned":
         if position_weight is None:
             raise ValueError("position='learned' needs position_weight (a (max_positions, embedding_dim) table)")
         check_table("position_weight", position_weight, weight)
-        return "learned", position_weight.shape[0]
+        return PositionMode.LEARNED, position_weight.shape[0]
     if position_weight is not None:
         raise ValueError(f"position_weight was given, but position={position!r}")
-    if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions <= 0):
-        raise ValueError(f"max_positions must be a positive int or None, got {max_positions!r}")
-    if position == "none":
-        return "none", 0
-    return sinusoid_layout, max_positions or 0
+    return position_mode(position, sinusoid_layout), max_positions or 0
+
+
+def _boundaries(cu_seqlens: torch.Tensor, past_length: int, weight: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` checked for what needs no values (those the operator checks)."""
+    check_index_tensor("cu_seqlens", cu_seqlens)
+    check_same_device("cu_seqlens", cu_seqlens, weight)
+    if cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D ([0, l1, l1 + l2, ..., N]), got shape {tuple(cu_seqlens.shape)}")
+    if past_length:
+        raise ValueError(f"cu_seqlens was given with past_length={past_length}: packed documents start at position_offset")
+    return cu_seqlens.contiguous()
 
 
 def _flat_indices(name: str, ids: torch.Tensor, shape: torch.Size, weight: torch.Tensor) -> torch.Tensor:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .backends import check_backend_name
 from .functional import fused_input_embedding
-from .positions import SINUSOID_LAYOUTS
-from .validation import POSITION_MODES, normalize_padding_idx, resolve_scale
+from .validation import check_nonnegative_int, check_position_settings, check_positive_int, normalize_padding_idx, resolve_scale
 
 
 class FusedInputEmbedding(nn.Module):
@@ -53,21 +53,13 @@ class FusedInputEmbedding(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
-            raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
-        if position not in POSITION_MODES:
-            raise ValueError(f"position must be one of {POSITION_MODES}, got {position!r}")
-        if sinusoid_layout not in SINUSOID_LAYOUTS:
-            raise ValueError(f"sinusoid_layout must be one of {SINUSOID_LAYOUTS}, got {sinusoid_layout!r}")
+        check_positive_int("num_embeddings", num_embeddings)
+        check_positive_int("embedding_dim", embedding_dim)
+        check_nonnegative_int("num_segments", num_segments)
+        check_position_settings(position, sinusoid_layout, max_positions)
         if position == "learned" and max_positions is None:
             raise ValueError("position='learned' needs max_positions (the rows of position_weight)")
-        if max_positions is not None and (isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions <= 0):
-            raise ValueError(f"max_positions must be a positive int or None, got {max_positions!r}")
-        if backend not in ("auto", "extension", "triton", "reference"):
-            raise ValueError(f"backend must be 'auto', 'extension', 'triton' or 'reference', got {backend!r}")
+        check_backend_name(backend)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = None if padding_idx is None else normalize_padding_idx(padding_idx, num_embeddings)
@@ -105,8 +97,15 @@ class FusedInputEmbedding(nn.Module):
         position_ids: torch.Tensor | None = None,
         *,
         past_length: int = 0,
+        cu_seqlens: torch.Tensor | None = None,
+        position_offset: int = 0,
     ) -> torch.Tensor:
-        """Embed ``input_ids`` (any shape ``(*)``) into ``(*, embedding_dim)`` in the weight's dtype."""
+        """Embed ``input_ids`` (any shape ``(*)``) into ``(*, embedding_dim)`` in the weight's dtype.
+
+        ``past_length``: offset of the default positions (KV-cache decoding). ``cu_seqlens``: packed
+        documents ``[0, l1, l1 + l2, ..., N]`` over the flattened tokens, each numbering its positions from
+        ``position_offset`` (see ``fused_input_embedding``).
+        """
         return fused_input_embedding(
             input_ids,
             self.weight,
@@ -122,6 +121,8 @@ class FusedInputEmbedding(nn.Module):
             padding_idx=self.padding_idx,
             sparse=self.sparse,
             past_length=past_length,
+            cu_seqlens=cu_seqlens,
+            position_offset=position_offset,
             check_bounds=self.check_bounds,
             backend=self.backend,
         )

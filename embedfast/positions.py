@@ -6,7 +6,7 @@ import math
 
 import torch
 
-SINUSOID_LAYOUTS = ("interleaved", "concat")
+from .spec import SINUSOID_LAYOUTS
 
 
 def sinusoid_values(positions: torch.Tensor, dim: int, layout: str = "interleaved", base: float = 10000.0) -> torch.Tensor:
@@ -57,9 +57,19 @@ def sinusoidal_positions(
     return sinusoid_values(positions, dim, layout, base).to(dtype)
 
 
-def default_position_ids(num_tokens: int, seq_len: int, past_length: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Positions of a flattened ``(..., seq_len)`` batch: ``past_length + (n % seq_len)`` for token ``n``."""
-    return past_length + torch.arange(num_tokens, dtype=torch.int64, device=device) % max(seq_len, 1)
+def token_positions(position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None, num_tokens: int,
+                    position_offset: int, seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The int64 position of each of ``num_tokens`` flattened tokens (the operators' rule, see ``spec.py``):
+    ``position_ids``; else, for packed documents, ``position_offset + n - cu_seqlens[i]`` for token n of
+    document i; else ``position_offset + n % seq_len``."""
+    if position_ids is not None:
+        return position_ids.long()
+    tokens = torch.arange(num_tokens, dtype=torch.int64, device=device)
+    if cu_seqlens is not None:
+        starts = cu_seqlens.long()
+        document = torch.searchsorted(starts, tokens, right=True) - 1
+        return position_offset + tokens - starts[document]
+    return position_offset + tokens % max(seq_len, 1)
 
 
 def padding_aware_position_ids(input_ids: torch.Tensor, padding_idx: int, past_length: int = 0) -> torch.Tensor:

@@ -13,6 +13,10 @@ Kernels:
   ``_sorted_sum_kernel``    dense row sums by sorted key (token, position or large segment
                             gradients): the program of the first token of each run of equal keys
                             sums the run in token order; the others return at once.
+  ``_packed_position_sum_kernel``  position gradients of packed documents: one program per position
+                            row sums that offset of every document, in document order.
+Packed documents (``cu_seqlens``) find their positions in the kernels, by binary search over the
+boundaries.
 Every reduction has a fixed order, so gradients are bitwise reproducible; no float atomics.
 """
 
@@ -27,11 +31,12 @@ from triton.runtime.interpreter import InterpretedFunction
 from torch.library import triton_op, wrap_triton
 
 from . import ops
-from .positions import sinusoid_frequencies
-from .reference import compute_dtype, resolve_positions
-from .validation import check_forward_indices, check_index_range, exact_checks
+from .op_checks import check_backward, check_forward
+from .positions import sinusoid_frequencies, token_positions
+from .spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad, compute_dtype, schema
 
-POSITION_CODES = {"none": 0, "learned": 1, "interleaved": 2, "concat": 2}
+_NONE = tl.constexpr(PositionMode.NONE.value)
+_LEARNED = tl.constexpr(PositionMode.LEARNED.value)
 # segment tables up to this many rows are summed per program in registers; larger ones are sorted
 MAX_REGISTER_SEGMENTS = 16
 
@@ -79,12 +84,26 @@ def _sin_of_turns(turns):
 
 
 @triton.jit
+def _document_start(cu_seqlens_ptr, tokens, num_documents, SEARCH_STEPS: tl.constexpr):
+    """The first token of each token's document: binary search for ``cu_seqlens[lo] <= n < cu_seqlens[hi]``
+    (``SEARCH_STEPS = ceil(log2(num_documents))``; tokens past the end settle on the last document)."""
+    lo = tl.zeros_like(tokens)
+    hi = lo + num_documents
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        below = tl.load(cu_seqlens_ptr + mid).to(tl.int64) <= tokens
+        lo = tl.where(below, mid, lo)
+        hi = tl.where(below, hi, mid)
+    return tl.load(cu_seqlens_ptr + lo).to(tl.int64)
+
+
+@triton.jit
 def _forward_kernel(
     ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr, turns_ptr, phase_ptr, token_types_ptr, segment_ptr,
-    out_ptr, num_tokens, dim, scale: tl.float64, past_length, seq_len,
-    POSITION: tl.constexpr,  # 0 none, 1 learned, 2 sinusoid (turns/phase tables)
-    HAS_POSITION_IDS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_TOKEN_TYPES: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    cu_seqlens_ptr, out_ptr, num_tokens, dim, scale: tl.float64, position_offset, seq_len, num_documents,
+    POSITION: tl.constexpr,  # a PositionMode; both sinusoid layouts read the turns/phase tables
+    HAS_POSITION_IDS: tl.constexpr, PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+    HAS_TOKEN_TYPES: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -95,12 +114,14 @@ def _forward_kernel(
 
     ids = tl.load(ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
     acc = tl.load(weight_ptr + ids[:, None] * dim + cols[None, :], mask=mask, other=0).to(math_type) * tl.cast(scale, math_type)
-    if POSITION != 0:
+    if POSITION != _NONE:
         if HAS_POSITION_IDS:
             positions = tl.load(position_ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+        elif PACKED:
+            positions = position_offset + tokens - _document_start(cu_seqlens_ptr, tokens, num_documents, SEARCH_STEPS)
         else:
-            positions = past_length + tokens % seq_len
-        if POSITION == 1:
+            positions = position_offset + tokens % seq_len
+        if POSITION == _LEARNED:
             rows = position_weight_ptr + positions[:, None] * dim + cols[None, :]
             acc += tl.load(rows, mask=mask, other=0).to(math_type)
         else:
@@ -169,38 +190,30 @@ def _sorted_sum_kernel(
     tl.store(out_ptr + key * dim + cols, _storage_value(acc * tl.cast(scale, math_type), out_ptr), mask=col_mask & (end > start))
 
 
-def _check_index(name: str, ids: torch.Tensor | None, input_ids: torch.Tensor) -> None:
-    if ids is None:
-        return
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got dtype {ids.dtype}")
-    if ids.dim() != 1 or not ids.is_contiguous() or ids.shape[0] != input_ids.shape[0]:
-        raise ValueError(f"{name} must be a contiguous 1-D tensor of {input_ids.shape[0]} ids, got shape "
-                         f"{tuple(ids.shape)} and strides {ids.stride()}")
-    if ids.device != input_ids.device:
-        raise ValueError(f"{name} is on {ids.device}, but input_ids is on {input_ids.device}")
-
-
-def _check_table(name: str, table: torch.Tensor | None, like: torch.Tensor) -> None:
-    if table is None:
-        return
-    if table.dim() != 2 or not table.is_contiguous() or table.shape[1] != like.shape[-1]:
-        raise ValueError(f"{name} must be a contiguous 2-D table with {like.shape[-1]} columns, got shape "
-                         f"{tuple(table.shape)} and strides {table.stride()}")
-    if table.dtype != like.dtype or table.device != like.device:
-        raise ValueError(f"{name} is {table.dtype} on {table.device}, but expected {like.dtype} on {like.device}")
-
-
-def _check_ranges(checks: list[tuple[str, torch.Tensor | None, int | None]], check_bounds: bool) -> None:
-    for name, ids, bound in checks:
-        if ids is not None:
-            check_index_range(name, ids, bound, exact_checks(check_bounds, ids))
+@triton.jit
+def _packed_position_sum_kernel(grad_ptr, cu_seqlens_ptr, out_ptr, num_documents, dim, position_offset,
+                                FP64: tl.constexpr, BLOCK_D: tl.constexpr):
+    position = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    offset = position - position_offset  # of the token within its document
+    acc = tl.zeros([BLOCK_D], dtype=tl.float64 if FP64 else tl.float32)
+    if offset >= 0:
+        for document in range(num_documents):
+            token = tl.load(cu_seqlens_ptr + document).to(tl.int64) + offset
+            if token < tl.load(cu_seqlens_ptr + document + 1).to(tl.int64):
+                acc += tl.load(grad_ptr + token * dim + cols, mask=col_mask, other=0).to(acc.dtype)
+    tl.store(out_ptr + position * dim + cols, _storage_value(acc, out_ptr), mask=col_mask)
 
 
 def _sinusoid_turns(dim: int, layout: str, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per column: turns per position (frequency / 2 pi) and the phase in turns (1/4 for a cosine)."""
     frequency, is_cos = sinusoid_frequencies(dim, layout, base, device)
     return frequency / (2 * math.pi), is_cos.to(torch.float64) * 0.25
+
+
+def _fp64_math(table: torch.Tensor) -> bool:
+    return compute_dtype(table.dtype) == torch.float64
 
 
 INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
@@ -220,51 +233,28 @@ def _launchable(kernel):
     return kernel if INTERPRETED else wrap_triton(kernel)
 
 
-@_operator("forward", ops.FORWARD_SCHEMA)
-def forward_triton(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight, scale, position,
-                   sinusoid_base, max_positions, past_length, seq_len, padding_idx, sparse, check_bounds):
-    if weight.dim() != 2 or not weight.is_contiguous():
-        raise ValueError(f"weight must be a contiguous 2-D table, got shape {tuple(weight.shape)} and strides {weight.stride()}")
-    if position not in POSITION_CODES:
-        raise ValueError(f"position must be one of {tuple(POSITION_CODES)}, got {position!r}")
-    if (position == "learned") != (position_weight is not None):
-        raise ValueError(f"position_weight must be given exactly when position='learned' (position={position!r})")
-    if token_type_ids is not None and segment_weight is None:
-        raise ValueError("token_type_ids were given, but there is no segment table")
-    _check_index("input_ids", input_ids, input_ids)
-    for name, ids in (("position_ids", position_ids), ("token_type_ids", token_type_ids)):
-        _check_index(name, ids, input_ids)
-    for name, table in (("position_weight", position_weight), ("segment_weight", segment_weight)):
-        _check_table(name, table, weight)
-    if past_length < 0:
-        raise ValueError(f"past_length must be >= 0, got {past_length}")
-    num_tokens, dim = input_ids.shape[0], weight.shape[1]
-    rows = position_weight.shape[0] if position_weight is not None else max_positions
-    bound = rows if rows > 0 else None
-    if position_ids is None and position != "none" and num_tokens > 0:
-        if seq_len <= 0:
-            raise ValueError(f"seq_len must be > 0, got {seq_len}")
-        last = past_length + min(seq_len, num_tokens) - 1
-        if bound is not None and last >= bound:
-            raise IndexError(f"positions reach {last} (past_length={past_length}, seq_len={seq_len}), out of range "
-                             f"for max_positions={bound}")
-    check_forward_indices(input_ids, weight, position_ids, position_weight, max_positions, token_type_ids, segment_weight,
-                          check_bounds)
-
-    out = torch.empty((num_tokens, dim), dtype=weight.dtype, device=weight.device)
+@_operator("forward", schema("forward"))
+def forward_triton(*inputs):
+    args = ForwardInputs(*inputs)
+    mode = check_forward(args)
+    num_tokens, dim = args.input_ids.shape[0], args.weight.shape[1]
+    out = torch.empty((num_tokens, dim), dtype=args.weight.dtype, device=args.weight.device)
     if num_tokens == 0 or dim == 0:
         return out
     turns = phase = None
-    if POSITION_CODES[position] == 2:
-        turns, phase = _sinusoid_turns(dim, position, sinusoid_base, weight.device)
+    if mode not in (PositionMode.NONE, PositionMode.LEARNED):
+        turns, phase = _sinusoid_turns(dim, mode.name.lower(), args.sinusoid_base, args.weight.device)
+    packed = args.cu_seqlens is not None and args.position_ids is None
+    num_documents = args.cu_seqlens.shape[0] - 1 if packed else 0
     block_t, block_d, num_warps = launch_config(dim)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
     _launchable(_forward_kernel)[grid](
-        input_ids, weight, position_ids, position_weight, turns, phase, token_type_ids, segment_weight, out,
-        num_tokens, dim, scale, past_length, max(seq_len, 1),
-        POSITION=POSITION_CODES[position], HAS_POSITION_IDS=position_ids is not None,
-        HAS_SEGMENTS=segment_weight is not None, HAS_TOKEN_TYPES=token_type_ids is not None,
-        FP64=weight.dtype == torch.float64, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+        args.input_ids, args.weight, args.position_ids, args.position_weight, turns, phase, args.token_type_ids,
+        args.segment_weight, args.cu_seqlens, out, num_tokens, dim, args.scale, args.position_offset, max(args.seq_len, 1),
+        num_documents, POSITION=mode.value, HAS_POSITION_IDS=args.position_ids is not None, PACKED=packed,
+        SEARCH_STEPS=max(num_documents - 1, 1).bit_length(), HAS_SEGMENTS=args.segment_weight is not None,
+        HAS_TOKEN_TYPES=args.token_type_ids is not None, FP64=_fp64_math(args.weight),
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
@@ -286,7 +276,7 @@ def _sorted_sum(grad: torch.Tensor, keys: torch.Tensor, num_rows: int, scale: fl
     _, block_d, _ = launch_config(dim)
     num_warps = max(block_d // 128, 1)  # one row per program: 4 columns per thread
     _launchable(_sorted_sum_kernel)[(num_tokens, triton.cdiv(dim, block_d))](
-        grad, order, sorted_keys, run_end, out, dim, scale, FP64=grad.dtype == torch.float64, BLOCK_D=block_d,
+        grad, order, sorted_keys, run_end, out, dim, scale, FP64=_fp64_math(grad), BLOCK_D=block_d,
         num_warps=num_warps)
     return out
 
@@ -303,39 +293,43 @@ def _grad_rows(grad: torch.Tensor, token_type_ids: torch.Tensor | None, write_va
         _launchable(_grad_rows_kernel)[(num_blocks, triton.cdiv(dim, block_d))](
             grad, values, token_type_ids, partials, num_tokens, dim, scale, num_segments,
             WRITE_VALUES=write_values, SEGMENT_PARTIALS=num_segments > 0, HAS_TOKEN_TYPES=token_type_ids is not None,
-            FP64=grad.dtype == torch.float64, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+            FP64=_fp64_math(grad), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     return values, partials.sum(dim=0).to(grad.dtype)
 
 
-@_operator("backward", ops.BACKWARD_SCHEMA)
-def backward_triton(grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, padding_idx, scale,
-                    num_positions, num_segments, past_length, seq_len, check_bounds):
-    if token_grad not in ("sparse", "dense", "none"):
-        raise ValueError(f"token_grad must be 'sparse', 'dense' or 'none', got {token_grad!r}")
-    if grad_out.dim() != 2 or not grad_out.is_contiguous() or grad_out.shape[0] != input_ids.shape[0]:
-        raise ValueError(f"grad_out must be a contiguous ({input_ids.shape[0]}, embedding_dim) tensor, got shape "
-                         f"{tuple(grad_out.shape)} and strides {grad_out.stride()}")
-    _check_index("input_ids", input_ids, input_ids)
-    for name, ids in (("position_ids", position_ids), ("token_type_ids", token_type_ids)):
-        _check_index(name, ids, input_ids)
+def _packed_position_sum(grad: torch.Tensor, cu_seqlens: torch.Tensor, num_positions: int, position_offset: int) -> torch.Tensor:
+    """``out[p] = sum over documents of grad[cu_seqlens[i] + p - position_offset]`` where the document reaches it."""
+    out = torch.empty((num_positions, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+    _, block_d, _ = launch_config(grad.shape[1])
+    _launchable(_packed_position_sum_kernel)[(num_positions, triton.cdiv(grad.shape[1], block_d))](
+        grad, cu_seqlens, out, cu_seqlens.shape[0] - 1, grad.shape[1], position_offset, FP64=_fp64_math(grad),
+        BLOCK_D=block_d, num_warps=max(block_d // 128, 1))
+    return out
+
+
+@_operator("backward", schema("backward"))
+def backward_triton(*inputs):
+    args = BackwardInputs(*inputs)
+    token_grad = check_backward(args)
+    grad_out, input_ids = args.grad_out, args.input_ids
     num_tokens, dim = grad_out.shape
-    positions = resolve_positions(position_ids, num_tokens, past_length, seq_len, grad_out.device) if num_positions else None
-    _check_ranges([("input_ids", input_ids if token_grad == "dense" else None, num_embeddings),
-                   ("position_ids", positions, num_positions),
-                   ("token_type_ids", token_type_ids if num_segments > 0 else None, num_segments)], check_bounds)
-    in_registers = num_segments <= MAX_REGISTER_SEGMENTS
-    values, segment_grad = _grad_rows(grad_out, token_type_ids, token_grad == "sparse", scale,
-                                      num_segments if in_registers else 0)
+    in_registers = args.num_segments <= MAX_REGISTER_SEGMENTS
+    values, segment_grad = _grad_rows(grad_out, args.token_type_ids, token_grad == TokenGrad.SPARSE, args.scale,
+                                      args.num_segments if in_registers else 0)
     if not in_registers:
-        segments = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-        segment_grad = _sorted_sum(grad_out, segments, num_segments, 1.0, -1)
-    if token_grad == "dense":
-        token_grad_out = _sorted_sum(grad_out, input_ids, num_embeddings, scale, padding_idx)
+        segments = args.token_type_ids if args.token_type_ids is not None else torch.zeros_like(input_ids)
+        segment_grad = _sorted_sum(grad_out, segments, args.num_segments, 1.0, -1)
+    if token_grad == TokenGrad.DENSE:
+        token_grad_out = _sorted_sum(grad_out, input_ids, args.num_embeddings, args.scale, args.padding_idx)
     else:
         token_grad_out = values
-    position_grad = grad_out.new_zeros((0, dim))
-    if positions is not None:
-        position_grad = _sorted_sum(grad_out, positions, num_positions, 1.0, -1)
+    if args.num_positions == 0 or dim == 0:
+        position_grad = grad_out.new_zeros((args.num_positions, dim))
+    elif args.cu_seqlens is not None and args.position_ids is None:
+        position_grad = _packed_position_sum(grad_out, args.cu_seqlens, args.num_positions, args.position_offset)
+    else:
+        positions = token_positions(args.position_ids, None, num_tokens, args.position_offset, args.seq_len, grad_out.device)
+        position_grad = _sorted_sum(grad_out, positions, args.num_positions, 1.0, -1)
     return token_grad_out, position_grad, segment_grad
 
 

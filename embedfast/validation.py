@@ -3,42 +3,34 @@
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
-INDEX_DTYPES = (torch.int32, torch.int64)
-TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-POSITION_MODES = ("sinusoidal", "learned", "none")
+from .spec import INDEX_DTYPES, POSITION_ENCODINGS, SINUSOID_LAYOUTS, TABLE_DTYPES
 
 
-def exact_checks(check_bounds: bool, ids: torch.Tensor) -> bool:
-    """Whether index ranges are checked exactly (read back, ``IndexError``) rather than by a
-    device-side assertion: always on CPU; on CUDA when ``check_bounds`` and no graph is being captured."""
-    if is_fake(ids):
-        return False  # traced by torch.compile: there are no values to read
-    if ids.device.type != "cuda":
-        return True
-    return check_bounds and not torch.cuda.is_current_stream_capturing()
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_index_range(name: str, ids: torch.Tensor, bound: int | None, exact: bool = True) -> None:
-    """Every element of ``ids`` must lie in ``[0, bound)`` (``[0, inf)`` if None).
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    ``exact``: read the values and raise ``IndexError`` naming the bad one (on CUDA a host
-    synchronization). Otherwise a device-side assertion in the stream: no synchronization,
-    CUDA-graph safe, and what ``torch.compile`` traces.
-    """
-    if ids.numel() == 0:
-        return
-    if not exact:
-        valid = ids >= 0 if bound is None else (ids >= 0) & (ids < bound)
-        torch._assert_async(valid.all(), f"{name} contains an index out of range [0, {bound})")
-        return
-    low, high = torch.aminmax(ids)
-    low, high = int(low), int(high)
-    if low < 0:
-        raise IndexError(f"{name} contains {low}: indices must be >= 0")
-    if bound is not None and high >= bound:
-        raise IndexError(f"{name} contains {high}, out of range for a table of {bound} rows (valid: 0..{bound - 1})")
+
+def check_positive_int(name: str, value: object, optional: bool = False) -> None:
+    if not (optional and value is None) and not (_is_int(value) and value > 0):
+        raise ValueError(f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
+
+
+def check_nonnegative_int(name: str, value: object) -> None:
+    if not (_is_int(value) and value >= 0):
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
+def check_position_settings(position: str, sinusoid_layout: str, max_positions: int | None) -> None:
+    """The position options the module and the functional form share."""
+    check_choice("position", position, POSITION_ENCODINGS)
+    check_choice("sinusoid_layout", sinusoid_layout, SINUSOID_LAYOUTS)
+    check_positive_int("max_positions", max_positions, optional=True)
 
 
 def check_index_tensor(name: str, ids: torch.Tensor) -> None:
@@ -98,23 +90,3 @@ def resolve_scale(scale: str | float | None, embedding_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be 'sqrt', a float or None, got {scale!r}")
     return float(scale)
-
-
-def check_forward_indices(
-    input_ids: torch.Tensor,
-    weight: torch.Tensor,
-    position_ids: torch.Tensor | None,
-    position_weight: torch.Tensor | None,
-    max_positions: int,
-    token_type_ids: torch.Tensor | None,
-    segment_weight: torch.Tensor | None,
-    check_bounds: bool,
-) -> None:
-    """The index values the forward reads rows with, each against its table (see ``check_index_range``)."""
-    exact = exact_checks(check_bounds, input_ids)
-    check_index_range("input_ids", input_ids, weight.shape[0], exact)
-    if position_ids is not None:
-        bound = position_weight.shape[0] if position_weight is not None else max_positions
-        check_index_range("position_ids", position_ids, bound if bound > 0 else None, exact)
-    if token_type_ids is not None:
-        check_index_range("token_type_ids", token_type_ids, segment_weight.shape[0], exact)

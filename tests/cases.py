@@ -8,9 +8,7 @@ import torch
 
 import embedfast
 from embedfast.reference import unfused_input_embedding
-
-# relative tolerance per storage dtype; absolute tolerance is this times the largest |truth|
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from embedfast.spec import TOLERANCE  # relative; the absolute tolerance is this times the largest |truth|
 
 
 @dataclasses.dataclass(frozen=True)

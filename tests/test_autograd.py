@@ -6,6 +6,7 @@ import torch
 import embedfast
 from embedfast import FusedInputEmbedding, fused_input_embedding
 from embedfast.backends import forward_op
+from embedfast.spec import BackwardInputs, ForwardInputs, GradientOptions, PositionMode, TokenGrad
 
 
 def _inputs(device, n=6, vocab=9, dim=5):
@@ -38,22 +39,46 @@ def _op_samples(device):
         weight = torch.randn(9, 5, device=device, requires_grad=requires_grad)
         segments = torch.randn(2, 5, device=device, requires_grad=requires_grad)
         positions = torch.randn(8, 5, device=device, requires_grad=requires_grad)
-        yield (ids, weight, None, positions, types, segments, 2.0, "learned", 10000.0, 8, 1, 3, 2, True, True)
-        yield (ids, weight, ids % 4, None, None, segments, 1.0, "concat", 100.0, 0, 0, 6, -1, False, False)
-        yield (ids.int(), weight, None, None, None, None, 1.0, "interleaved", 10000.0, 0, 3, 2, 0, False, True)
+        yield ForwardInputs(ids, weight, position_weight=positions, token_type_ids=types, segment_weight=segments, scale=2.0,
+                            position_mode=PositionMode.LEARNED, max_positions=8, position_offset=1, seq_len=3)
+        yield ForwardInputs(ids, weight, position_ids=ids % 4, segment_weight=segments, position_mode=PositionMode.CONCAT,
+                            sinusoid_base=100.0, seq_len=6, check_bounds=False)
+        yield ForwardInputs(ids.int(), weight, position_mode=PositionMode.INTERLEAVED, position_offset=3, seq_len=2)
+        yield ForwardInputs(ids, weight, position_weight=positions, cu_seqlens=torch.tensor([0, 2, 2, 6], device=device),
+                            position_mode=PositionMode.LEARNED, position_offset=1)
 
 
 def test_opcheck(backend, device):
+    """The forward operator is differentiated through ``ops.fused_forward``'s Function (the operator has no
+    padding_idx or sparse flag): checked here without gradients, and by every gradient test through the API."""
     for args in _op_samples(device):
-        torch.library.opcheck(forward_op(backend), args)
+        if not args.weight.requires_grad:
+            torch.library.opcheck(forward_op(backend), args)
     ids, types = _inputs(device)
     backward = getattr(torch.ops.embedfast, f"backward_{backend}")
+    packed = torch.tensor([0, 4, 6], device=device)
     for requires_grad in (False, True):  # the backward is differentiable too (double backward)
         grad = torch.randn(6, 5, device=device, requires_grad=requires_grad)
-        for token_grad in ("sparse", "dense", "none"):
-            for check_bounds in (True, False):
-                torch.library.opcheck(backward, (grad, ids, None, types, token_grad, 9, 2, 2.0, 8, 2, 1, 3, check_bounds))
+        for token_grad in TokenGrad:
+            for check_bounds, cu_seqlens in ((True, None), (False, None), (True, packed)):
+                torch.library.opcheck(backward, BackwardInputs(
+                    grad, ids, 9, token_type_ids=types, cu_seqlens=cu_seqlens, token_grad=token_grad, padding_idx=2,
+                    scale=2.0, num_positions=8, num_segments=2, position_offset=1, seq_len=3, check_bounds=check_bounds))
     torch.library.opcheck(torch.ops.embedfast.sparse_rows, (ids, grad.detach(), int(ids[0]), 2.0))
+
+
+def test_opcheck_of_the_compiled_path(backend, device):
+    """``differentiable_forward``, what ``torch.compile`` traces: the forward with the gradient's options."""
+    differentiable = getattr(torch.ops.embedfast, f"differentiable_forward_{backend}")
+    for args, options in zip(_op_samples(device), [GradientOptions(2, True), GradientOptions(-1, False)] * 4):
+        torch.library.opcheck(differentiable, (*args, *options))
+
+
+def test_forward_operator_says_how_it_is_differentiated(backend, device):
+    weight = torch.randn(9, 5, device=device, requires_grad=True)
+    out = forward_op(backend)(*ForwardInputs(_inputs(device)[0], weight))
+    with pytest.raises(RuntimeError, match="fused_input_embedding"):
+        out.sum().backward()
 
 
 def test_compile_fullgraph_matches_eager(backend, device):

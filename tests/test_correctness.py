@@ -5,6 +5,7 @@ import torch
 
 from cases import Case, assert_case_matches_truth
 from embedfast.backends import forward_op
+from embedfast.spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad
 
 CASES = {
     "1d-odd-dim": Case(shape=(7,), dim=7),
@@ -86,12 +87,14 @@ def test_default_positions_wrap_at_seq_len(seq_len, backend, device):
     weight = torch.randn(30, 40, generator=generator).to(device)
     segments = torch.randn(2, 40, generator=generator).to(device)
     positions = torch.randn(45, 40, generator=generator).to(device)
-    for position, table, bound in (("interleaved", None, 0), ("learned", positions, 45)):
-        args = (ids, weight, None, table, types, segments, 2.0, position, 10000.0, bound, 3, seq_len, -1, True, True)
+    for mode, table, bound in ((PositionMode.INTERLEAVED, None, 0), (PositionMode.LEARNED, positions, 45)):
+        args = ForwardInputs(ids, weight, position_weight=table, token_type_ids=types, segment_weight=segments, scale=2.0,
+                             position_mode=mode, max_positions=bound, position_offset=3, seq_len=seq_len)
         torch.testing.assert_close(forward_op(backend)(*args), torch.ops.embedfast.forward_reference(*args),
                                    rtol=1e-5, atol=1e-5)
     grad = torch.randn(37, 40, generator=generator).to(device)
-    args = (grad, ids, None, types, "sparse", 30, -1, 2.0, 45, 2, 3, seq_len, True)
+    args = BackwardInputs(grad, ids, 30, token_type_ids=types, token_grad=TokenGrad.SPARSE, scale=2.0, num_positions=45,
+                          num_segments=2, position_offset=3, seq_len=seq_len)
     backward = getattr(torch.ops.embedfast, f"backward_{backend}")
     for got, want in zip(backward(*args), torch.ops.embedfast.backward_reference(*args)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -104,6 +107,6 @@ def test_sinusoid_rows_are_right_across_calls(backend, device):
     weight = torch.randn(30, 16, generator=generator).to(device)
     for past_length, seq_len in [(0, 3), (3, 1), (4, 1), (5, 1), (6, 50), (0, 300), (600_000, 20)]:
         ids = torch.randint(0, 30, (2 * seq_len,), generator=generator).to(device)
-        args = (ids, weight, None, None, None, None, 1.0, "interleaved", 10000.0, 0, past_length, seq_len, -1, True, True)
+        args = ForwardInputs(ids, weight, position_mode=PositionMode.INTERLEAVED, position_offset=past_length, seq_len=seq_len)
         torch.testing.assert_close(forward_op(backend)(*args), torch.ops.embedfast.forward_reference(*args),
                                    rtol=1e-5, atol=1e-5, msg=lambda m: f"past_length={past_length}: {m}")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import embedfast
-from embedfast.positions import default_position_ids
+from embedfast.positions import token_positions
 
 
 def paper_interleaved(p, j, dim, base):
@@ -60,6 +60,12 @@ def test_unknown_layout_is_rejected():
         embedfast.sinusoidal_positions(4, 8, "diagonal")
 
 
-def test_default_position_ids_restart_every_sequence():
+def test_default_positions_restart_every_sequence():
     expected = torch.tensor([3, 4, 5, 3, 4, 5])
-    assert torch.equal(default_position_ids(6, seq_len=3, past_length=3), expected)
+    assert torch.equal(token_positions(None, None, 6, position_offset=3, seq_len=3), expected)
+
+
+def test_packed_positions_restart_every_document():
+    cu_seqlens = torch.tensor([0, 3, 3, 4, 7])  # an empty document, a single token
+    expected = torch.tensor([2, 3, 4, 2, 2, 3, 4])
+    assert torch.equal(token_positions(None, cu_seqlens, 7, position_offset=2, seq_len=99), expected)

@@ -23,6 +23,7 @@ from triton.compiler import ASTSource
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET: the interpreter replaces the kernels"
 from embedfast import triton_kernels as tk  # noqa: E402
+from embedfast.spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad  # noqa: E402
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -32,14 +33,15 @@ def variants():
     """(label, kernel, argument types, constexprs, num_warps) for the launches that matter: BERT-like, dim 768."""
     for dtype in ("fp32", "bf16"):
         block_t, block_d, num_warps = tk.launch_config(768)
-        for position, code in (("learned", 1), ("sinusoid", 2)):
+        for position, mode in (("learned", PositionMode.LEARNED), ("sinusoid", PositionMode.INTERLEAVED)):
             yield (f"forward-{dtype}-{position}", tk._forward_kernel,
                    {"ids_ptr": "*i32", "weight_ptr": f"*{dtype}", "position_ids_ptr": "*i32", "position_weight_ptr": f"*{dtype}",
                     "turns_ptr": "*fp64", "phase_ptr": "*fp64", "token_types_ptr": "*i32", "segment_ptr": f"*{dtype}",
-                    "out_ptr": f"*{dtype}", "num_tokens": "i32", "dim": "i32", "scale": "fp64", "past_length": "i32",
-                    "seq_len": "i32"},
-                   {"POSITION": code, "HAS_POSITION_IDS": False, "HAS_SEGMENTS": True, "HAS_TOKEN_TYPES": True, "FP64": False,
-                    "BLOCK_T": block_t, "BLOCK_D": block_d}, num_warps)
+                    "cu_seqlens_ptr": "*i32", "out_ptr": f"*{dtype}", "num_tokens": "i32", "dim": "i32", "scale": "fp64",
+                    "position_offset": "i32", "seq_len": "i32", "num_documents": "i32"},
+                   {"POSITION": mode.value, "HAS_POSITION_IDS": False, "PACKED": False, "SEARCH_STEPS": 1,
+                    "HAS_SEGMENTS": True, "HAS_TOKEN_TYPES": True, "FP64": False, "BLOCK_T": block_t, "BLOCK_D": block_d},
+                   num_warps)
         yield (f"grad-rows-{dtype}", tk._grad_rows_kernel,
                {"grad_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "token_types_ptr": "*i32", "partials_ptr": "*fp32",
                 "num_tokens": "i32", "dim": "i32", "scale": "fp64", "num_segments": "i32"},
@@ -118,14 +120,18 @@ def traced_graphs():
         positions = torch.empty(16, 768, device="cuda")
         grad = torch.empty(64, 768, device="cuda")
         return {
-            "forward-sinusoid": traced_launches(torch.ops.embedfast.forward_triton, ids, weight, None, None, ids, segments,
-                                                2.0, "interleaved", 10000.0, 0, 0, 8, -1, True, True),
-            "forward-learned": traced_launches(torch.ops.embedfast.forward_triton, ids, weight, None, positions, ids,
-                                               segments, 2.0, "learned", 10000.0, 16, 0, 8, -1, True, True),
-            "backward-sparse": traced_launches(torch.ops.embedfast.backward_triton, grad, ids, None, ids, "sparse", 100, 0,
-                                               2.0, 16, 2, 0, 8, True),
-            "backward-dense": traced_launches(torch.ops.embedfast.backward_triton, grad, ids, None, ids, "dense", 100, 0,
-                                              2.0, 0, 2, 0, 8, True),
+            "forward-sinusoid": traced_launches(torch.ops.embedfast.forward_triton, *ForwardInputs(
+                ids, weight, token_type_ids=ids, segment_weight=segments, scale=2.0, position_mode=PositionMode.INTERLEAVED,
+                seq_len=8)),
+            "forward-learned": traced_launches(torch.ops.embedfast.forward_triton, *ForwardInputs(
+                ids, weight, position_weight=positions, token_type_ids=ids, segment_weight=segments, scale=2.0,
+                position_mode=PositionMode.LEARNED, max_positions=16, seq_len=8)),
+            "backward-sparse": traced_launches(torch.ops.embedfast.backward_triton, *BackwardInputs(
+                grad, ids, 100, token_type_ids=ids, token_grad=TokenGrad.SPARSE, padding_idx=0, scale=2.0, num_positions=16,
+                num_segments=2, seq_len=8)),
+            "backward-dense": traced_launches(torch.ops.embedfast.backward_triton, *BackwardInputs(
+                grad, ids, 100, token_type_ids=ids, token_grad=TokenGrad.DENSE, padding_idx=0, scale=2.0, num_segments=2,
+                seq_len=8)),
         }
 
 

@@ -1,30 +1,44 @@
 // Row loops of the CPU kernels: the only code that touches every element of a row.
 //
-// The float32 side rows these loops read or write (position and segment rows, partial sums) are in the
-// "kernel column order" of the storage type: natural order, except for bfloat16 on a machine with AVX2, FMA and
-// F16C (what the hand-written loops need), where every full block of 16 columns holds columns 0-3, 8-11, 4-7,
-// 12-15 (the order in which unpacking 16 bfloat16 values into two float32 vectors leaves them; see
-// row_loops.cpp). Token rows, gradient rows and outputs are always in natural order. column_order() is the one
-// place the callers learn the order from.
+// Token rows, gradient rows and outputs are in natural column order. The math-dtype "side rows" the loops read
+// or write beside them (position and segment rows, partial sums) are in the loops' lane order for the storage
+// dtype, which SideRowLayout owns: natural, except for bfloat16 on a machine with AVX2, FMA and F16C, where every
+// full block of 16 columns holds columns 0-3, 8-11, 4-7, 12-15 (the order in which unpacking 16 bfloat16 values
+// into two float32 vectors leaves them; see row_loops.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
-#include <type_traits>
 #include <vector>
+
+#include "embedfast/spec.h"
 
 namespace embedfast {
 
-// float64 tables (gradcheck) keep float64 math; every other storage type computes in float32.
-template <typename scalar_t>
-using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+// Where each column of a side row lives, for one storage dtype and width.
+class SideRowLayout {
+ public:
+  SideRowLayout(at::ScalarType storage, int64_t dim);
 
-// Whether float32 side rows for storage type `dtype` are in the lane order (else natural order).
-bool lane_order(at::ScalarType dtype);
+  int64_t dim() const { return static_cast<int64_t>(columns_.size()); }
+  bool natural() const { return natural_; }
+  // the column that slot `slot` of a side row holds
+  int64_t column(int64_t slot) const { return columns_[slot]; }
 
-// The column held by each slot of a float32 side row for storage type `dtype`.
-std::vector<int64_t> column_order(at::ScalarType dtype, int64_t dim);
+  // `table` (rows, dim) in `math_dtype`, as side rows of this layout
+  at::Tensor side_rows(const at::Tensor& table, at::ScalarType math_dtype) const;
+
+  // out[column(j)] = side[j] * scale: a side row back in natural order, rounded to the storage type
+  template <typename scalar_t, typename acc_t>
+  void store(scalar_t* out, const acc_t* side, acc_t scale) const {
+    for (int64_t j = 0; j < dim(); ++j) out[columns_[j]] = static_cast<scalar_t>(side[j] * scale);
+  }
+
+ private:
+  std::vector<int64_t> columns_;
+  bool natural_;
+};
 
 // Whether a loop should write an output of this many bytes around the caches (non-temporal stores); a thread
 // that wrote with `stream` calls end_streaming() after its last row.
@@ -44,9 +58,6 @@ EMBEDFAST_DECLARE_ROW_LOOPS(double)
 EMBEDFAST_DECLARE_ROW_LOOPS(c10::Half)
 EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)
 #undef EMBEDFAST_DECLARE_ROW_LOOPS
-
-// out = row as float32, in the kernel column order
-void widen_row(float* out, const c10::BFloat16* row, int64_t dim);
 
 // row = sin(theta); theta += step, as a float64 rotation of (sin, cos) per column.
 void rotate_row(float* row, double* sine, double* cosine, const double* step_sin, const double* step_cos, int64_t dim);

@@ -7,7 +7,9 @@
 // Backward: one pass over grad_out writes the sparse values and per-block segment sums (up to
 // kMaxRegisterSegments segments in registers); a second tiny kernel adds the block sums in block order.
 // Dense token and learned-position gradients: stable sort of the keys, then one thread group per run of
-// equal keys sums its rows in token order. No float atomics anywhere: results are bitwise reproducible.
+// equal keys sums its rows in token order; positions of packed documents (cu_seqlens, found by binary search in
+// the forward) instead sum each position row over the documents in order. No float atomics anywhere: results
+// are bitwise reproducible.
 // Everything runs on the current stream with no host synchronization except the exact index-range checks;
 // with check_bounds=False or under CUDA-graph capture, device-side assertions replace them.
 #include <ATen/ATen.h>
@@ -21,6 +23,7 @@
 
 #include "embedfast/checks.h"
 #include "embedfast/kernel_math.h"
+#include "embedfast/spec.h"
 
 namespace embedfast {
 namespace {
@@ -45,9 +48,6 @@ __device__ __forceinline__ void store_chunk(scalar_t* p, const Chunk<scalar_t, k
   *reinterpret_cast<Chunk<scalar_t, kVec>*>(p) = c;
 }
 
-template <typename scalar_t>
-using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
 // Sine of an angle already reduced to [-pi, pi] (sinusoid_angle): __sinf there is within 4e-7 of the true value and,
 // unlike sinf, has no slow path for huge arguments (which needs a stack frame). float64 tables keep ::sin.
 template <typename acc>
@@ -61,12 +61,12 @@ __device__ __forceinline__ acc sine(double reduced_angle) {
 
 template <typename scalar_t, typename index_t, int kVec>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
-    const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const index_t* __restrict__ position_ids,
+    const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const PositionSource<index_t> positions_param,
     const scalar_t* __restrict__ position_weight, const index_t* __restrict__ segment_ids,
     const scalar_t* __restrict__ segment_weight, scalar_t* __restrict__ out, int64_t tokens, int64_t dim,
-    acc_t<scalar_t> scale, PositionMode mode, double log_step, int64_t past_length,
-    int64_t seq_len) {
-  using acc = acc_t<scalar_t>;
+    math_t<scalar_t> scale, PositionMode mode, double log_step) {
+  using acc = math_t<scalar_t>;
+  const PositionSource<index_t> positions = positions_param;  // a local copy stays in registers (a parameter's address would not)
   const int64_t chunks = dim / kVec;
   for (int64_t chunk = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; chunk < chunks;
        chunk += int64_t(gridDim.x) * blockDim.x) {
@@ -83,11 +83,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       acc position[kVec] = {};
       acc segment[kVec] = {};
       if (mode == PositionMode::kLearned) {
-        const auto row = load_chunk<scalar_t, kVec>(position_weight + position_of(position_ids, n, past_length, seq_len) * dim + col);
+        const auto row = load_chunk<scalar_t, kVec>(position_weight + positions(n) * dim + col);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) position[k] = static_cast<acc>(row.v[k]);
       } else if (sinusoid) {
-        const int64_t pos = position_of(position_ids, n, past_length, seq_len);
+        const int64_t pos = positions(n);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) position[k] = sine<acc>(sinusoid_angle(pos, columns[k])) * columns[k].keep;
       }
@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
 template <typename scalar_t, typename index_t, int kVec>
 __global__ void __launch_bounds__(kThreads) values_and_segment_partials_kernel(
     const scalar_t* __restrict__ grad, const index_t* __restrict__ segment_ids, scalar_t* __restrict__ values,
-    acc_t<scalar_t>* __restrict__ partials, int64_t tokens, int64_t dim, int num_segments, acc_t<scalar_t> scale) {
-  using acc = acc_t<scalar_t>;
+    math_t<scalar_t>* __restrict__ partials, int64_t tokens, int64_t dim, int num_segments, math_t<scalar_t> scale) {
+  using acc = math_t<scalar_t>;
   const int64_t chunks = dim / kVec;
   const int64_t chunk = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;  // x: token blocks (no 65535 limit)
   if (chunk >= chunks) return;
@@ -148,11 +148,11 @@ __global__ void __launch_bounds__(kThreads) values_and_segment_partials_kernel(
 
 // out[i] = sum over blocks of partials[block][i], in block order.
 template <typename scalar_t>
-__global__ void sum_partials_kernel(const acc_t<scalar_t>* __restrict__ partials, scalar_t* __restrict__ out,
+__global__ void sum_partials_kernel(const math_t<scalar_t>* __restrict__ partials, scalar_t* __restrict__ out,
                                     int64_t blocks, int64_t size) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= size) return;
-  acc_t<scalar_t> sum = 0;
+  math_t<scalar_t> sum = 0;
   for (int64_t b = 0; b < blocks; ++b) sum += partials[b * size + i];
   out[i] = static_cast<scalar_t>(sum);
 }
@@ -162,14 +162,31 @@ __global__ void sum_partials_kernel(const acc_t<scalar_t>* __restrict__ partials
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sum_sorted_runs_kernel(
     const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted_keys, const int64_t* __restrict__ order,
-    scalar_t* __restrict__ out, int64_t tokens, int64_t dim, int64_t rows, acc_t<scalar_t> scale) {
+    scalar_t* __restrict__ out, int64_t tokens, int64_t dim, int64_t rows, math_t<scalar_t> scale) {
   for (int64_t i = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; i < tokens; i += int64_t(gridDim.y) * blockDim.y) {
     const int64_t key = sorted_keys[i];
     if (key >= rows || (i > 0 && sorted_keys[i - 1] == key)) continue;
     for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < dim; col += int64_t(gridDim.x) * blockDim.x) {
-      acc_t<scalar_t> sum = 0;
-      for (int64_t j = i; j < tokens && sorted_keys[j] == key; ++j) sum += static_cast<acc_t<scalar_t>>(grad[order[j] * dim + col]);
+      math_t<scalar_t> sum = 0;
+      for (int64_t j = i; j < tokens && sorted_keys[j] == key; ++j) sum += static_cast<math_t<scalar_t>>(grad[order[j] * dim + col]);
       out[key * dim + col] = static_cast<scalar_t>(sum * scale);
+    }
+  }
+}
+
+// out[p] = sum over documents i, in order, of grad[cu_seqlens[i] + p - offset] where document i reaches that far.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads) sum_packed_positions_kernel(
+    const scalar_t* __restrict__ grad, const index_t* __restrict__ cu_seqlens, scalar_t* __restrict__ out,
+    int64_t num_documents, int64_t num_positions, int64_t dim, int64_t offset) {
+  for (int64_t p = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; p < num_positions; p += int64_t(gridDim.y) * blockDim.y) {
+    for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < dim; col += int64_t(gridDim.x) * blockDim.x) {
+      math_t<scalar_t> sum = 0;
+      for (int64_t i = 0; p >= offset && i < num_documents; ++i) {
+        const int64_t token = static_cast<int64_t>(cu_seqlens[i]) + p - offset;
+        if (token < static_cast<int64_t>(cu_seqlens[i + 1])) sum += static_cast<math_t<scalar_t>>(grad[token * dim + col]);
+      }
+      out[p * dim + col] = static_cast<scalar_t>(sum);
     }
   }
 }
@@ -207,37 +224,32 @@ dim3 row_block(int64_t chunks) {
   return dim3(x, kThreads / x);
 }
 
-template <typename index_t>
-const index_t* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<index_t>() : nullptr;
+// The device made current while an operator checks and launches: its table's, when that is a CUDA tensor (else
+// the checks name the device mismatch).
+std::optional<c10::Device> cuda_device_of(const at::Tensor& table) {
+  return table.is_cuda() ? std::optional<c10::Device>(table.device()) : std::nullopt;
 }
 
-at::Tensor forward_cuda(const at::Tensor& input_ids, const at::Tensor& weight, const std::optional<at::Tensor>& position_ids,
-                        const std::optional<at::Tensor>& position_weight, const std::optional<at::Tensor>& token_type_ids,
-                        const std::optional<at::Tensor>& segment_weight, double scale, c10::string_view position,
-                        double sinusoid_base, int64_t max_positions, int64_t past_length, int64_t seq_len,
-                        int64_t padding_idx, bool sparse, bool check_bounds) {
-  const PositionMode mode = check_forward_args(input_ids, weight, position_ids, position_weight, token_type_ids,
-                                               segment_weight, position, past_length, seq_len);
-  const c10::cuda::CUDAGuard guard(weight.device());
-  check_forward_index_ranges(input_ids, weight, position_ids, position_weight, token_type_ids, segment_weight,
-                             max_positions, exact_checks(check_bounds));
-  const int64_t tokens = input_ids.numel(), dim = weight.size(1);
+at::Tensor forward_cuda(const ForwardArgs& args) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(args.weight));
+  check_forward_args(args, exact_checks(args.check_bounds));
+  const at::Tensor& weight = args.weight;
+  const int64_t tokens = args.input_ids.numel(), dim = weight.size(1);
   at::Tensor out = at::empty({tokens, dim}, weight.options());
   if (tokens == 0 || dim == 0) return out;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_forward_cuda", [&] {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "embedfast_forward_cuda", [&] {
-      const scalar_t* pos_table = position_weight.has_value() ? position_weight->data_ptr<scalar_t>() : nullptr;
-      const scalar_t* seg_table = segment_weight.has_value() ? segment_weight->data_ptr<scalar_t>() : nullptr;
+  AT_DISPATCH_INDEX_TYPES(args.input_ids.scalar_type(), "embedfast_forward_cuda", [&] {
+    EMBEDFAST_DISPATCH_TABLE_TYPES(weight.scalar_type(), "embedfast_forward_cuda", [&] {
+      const scalar_t* pos_table = args.position_weight.has_value() ? args.position_weight->data_ptr<scalar_t>() : nullptr;
+      const scalar_t* seg_table = args.segment_weight.has_value() ? args.segment_weight->data_ptr<scalar_t>() : nullptr;
       launch_vectorized<scalar_t>(dim, {weight.data_ptr(), out.data_ptr(), pos_table, seg_table}, [&](auto vec_constant) {
         constexpr int kVec = decltype(vec_constant)::value;
         const dim3 block = row_block(dim / kVec);
         forward_kernel<scalar_t, index_t, kVec><<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
-            input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), data_or_null<index_t>(position_ids), pos_table,
-            data_or_null<index_t>(token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim,
-            static_cast<acc_t<scalar_t>>(scale), mode,
-            sinusoid_log_step(dim, mode, std::log(sinusoid_base)), past_length, seq_len);
+            args.input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), position_source<index_t>(args), pos_table,
+            data_or_null<index_t>(args.token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim,
+            static_cast<math_t<scalar_t>>(args.scale), args.position_mode,
+            sinusoid_log_step(dim, args.position_mode, std::log(args.sinusoid_base)));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -252,32 +264,47 @@ at::Tensor sum_rows_by_key(const at::Tensor& grad, const at::Tensor& keys, int64
   if (tokens == 0 || rows == 0 || dim == 0) return out;
   const auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const dim3 block(std::min<int64_t>(128, (dim + 31) / 32 * 32), 2);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedfast_sum_rows_by_key", [&] {
+  EMBEDFAST_DISPATCH_TABLE_TYPES(grad.scalar_type(), "embedfast_sum_rows_by_key", [&] {
     sum_sorted_runs_kernel<scalar_t><<<row_grid(dim, tokens, block), block, 0, at::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), sorted_keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-        tokens, dim, rows, static_cast<acc_t<scalar_t>>(scale));
+        tokens, dim, rows, static_cast<math_t<scalar_t>>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-at::Tensor positions_of(const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids, int64_t past_length,
-                        int64_t seq_len) {
-  if (position_ids.has_value()) return position_ids->to(at::kLong);
-  return at::arange(input_ids.numel(), input_ids.options().dtype(at::kLong)).remainder_(seq_len).add_(past_length);
+// Positions of packed documents: each position row summed over the documents, in document order.
+at::Tensor sum_packed_positions(const at::Tensor& grad, const at::Tensor& cu_seqlens, int64_t rows, int64_t offset) {
+  at::Tensor out = at::empty({rows, grad.size(1)}, grad.options());
+  const int64_t dim = grad.size(1);
+  if (rows == 0 || dim == 0) return out;
+  const dim3 block(std::min<int64_t>(128, (dim + 31) / 32 * 32), 2);
+  AT_DISPATCH_INDEX_TYPES(cu_seqlens.scalar_type(), "embedfast_sum_packed_positions", [&] {
+    EMBEDFAST_DISPATCH_TABLE_TYPES(grad.scalar_type(), "embedfast_sum_packed_positions", [&] {
+      sum_packed_positions_kernel<scalar_t, index_t><<<row_grid(dim, rows, block), block, 0, at::cuda::getCurrentCUDAStream()>>>(
+          grad.data_ptr<scalar_t>(), cu_seqlens.data_ptr<index_t>(), out.data_ptr<scalar_t>(), cu_seqlens.numel() - 1,
+          rows, dim, offset);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& input_ids, const std::optional<at::Tensor>& position_ids,
-    const std::optional<at::Tensor>& token_type_ids, c10::string_view token_grad, int64_t num_embeddings,
-    int64_t padding_idx, double scale, int64_t num_positions, int64_t num_segments, int64_t past_length,
-    int64_t seq_len, bool check_bounds) {
-  check_backward_args(grad_out, input_ids, position_ids, token_type_ids, token_grad, num_embeddings, num_positions,
-                      num_segments, past_length, seq_len);
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  const bool sparse = token_grad == "sparse", dense = token_grad == "dense";
-  check_backward_index_ranges(input_ids, position_ids, token_type_ids, dense, num_embeddings, num_positions,
-                              num_segments, exact_checks(check_bounds));
+// Explicit or default positions, per token, as sort keys.
+at::Tensor position_keys(const BackwardArgs& args) {
+  if (args.position_ids.has_value()) return args.position_ids->to(at::kLong);
+  return at::arange(args.input_ids.numel(), args.input_ids.options().dtype(at::kLong))
+      .remainder_(std::max<int64_t>(args.seq_len, 1))
+      .add_(args.position_offset);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs& args) {
+  const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(args.grad_out));
+  check_backward_args(args, exact_checks(args.check_bounds));
+  const at::Tensor& grad_out = args.grad_out;
+  const at::Tensor& input_ids = args.input_ids;
+  const int64_t num_segments = args.num_segments, num_positions = args.num_positions;
+  const bool sparse = args.token_grad == TokenGrad::kSparse, dense = args.token_grad == TokenGrad::kDense;
   const int64_t tokens = grad_out.size(0), dim = grad_out.size(1);
   at::Tensor values = at::empty({sparse ? tokens : 0, dim}, grad_out.options());
   at::Tensor weight_grad = values;
@@ -287,8 +314,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
 
   if (tokens > 0 && dim > 0 && (sparse || (num_segments > 0 && segments_in_registers))) {
     AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_backward_cuda", [&] {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "embedfast_backward_cuda", [&] {
-        using acc = acc_t<scalar_t>;
+      EMBEDFAST_DISPATCH_TABLE_TYPES(grad_out.scalar_type(), "embedfast_backward_cuda", [&] {
+        using acc = math_t<scalar_t>;
         const int64_t blocks = (tokens + kTokensPerBlock - 1) / kTokensPerBlock;
         const int reduced_segments = segments_in_registers ? static_cast<int>(num_segments) : 0;
         at::Tensor partials = at::empty({reduced_segments > 0 ? blocks : 0, reduced_segments, dim},
@@ -299,9 +326,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
           const int threads = static_cast<int>(std::min<int64_t>(kThreads, (chunks + 31) / 32 * 32));
           const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((chunks + threads - 1) / threads));
           values_and_segment_partials_kernel<scalar_t, index_t, kVec><<<grid, threads, 0, stream>>>(
-              grad_out.data_ptr<scalar_t>(), data_or_null<index_t>(token_type_ids),
+              grad_out.data_ptr<scalar_t>(), data_or_null<index_t>(args.token_type_ids),
               sparse ? values.data_ptr<scalar_t>() : nullptr, partials.data_ptr<acc>(), tokens, dim, reduced_segments,
-              static_cast<acc>(scale));
+              static_cast<acc>(args.scale));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         if (reduced_segments > 0) {
@@ -314,30 +341,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     });
   }
   if (num_segments > 0 && !segments_in_registers) {
-    const at::Tensor keys = token_type_ids.has_value() ? token_type_ids->to(at::kLong)
-                                                       : at::zeros({tokens}, input_ids.options().dtype(at::kLong));
+    const at::Tensor keys = args.token_type_ids.has_value() ? args.token_type_ids->to(at::kLong)
+                                                            : at::zeros({tokens}, input_ids.options().dtype(at::kLong));
     segment_grad = sum_rows_by_key(grad_out, keys, num_segments, 1.0);
   }
   if (dense) {
     // padding tokens get key num_embeddings: sorted last and dropped
     const at::Tensor ids = input_ids.to(at::kLong);
-    const at::Tensor keys = padding_idx >= 0 ? at::where(ids == padding_idx, num_embeddings, ids) : ids;
-    weight_grad = sum_rows_by_key(grad_out, keys, num_embeddings, scale);
+    const at::Tensor keys = args.padding_idx >= 0 ? at::where(ids == args.padding_idx, args.num_embeddings, ids) : ids;
+    weight_grad = sum_rows_by_key(grad_out, keys, args.num_embeddings, args.scale);
   } else if (!sparse) {
     weight_grad = at::empty({0, dim}, grad_out.options());
   }
-  at::Tensor position_grad = num_positions > 0
-                                 ? sum_rows_by_key(grad_out, positions_of(input_ids, position_ids, past_length, seq_len),
-                                                   num_positions, 1.0)
-                                 : at::empty({0, dim}, grad_out.options());
+  at::Tensor position_grad = at::empty({0, dim}, grad_out.options());
+  if (num_positions > 0 && args.cu_seqlens.has_value() && !args.position_ids.has_value()) {
+    position_grad = sum_packed_positions(grad_out, *args.cu_seqlens, num_positions, args.position_offset);
+  } else if (num_positions > 0) {
+    position_grad = sum_rows_by_key(grad_out, position_keys(args), num_positions, 1.0);
+  }
   return {weight_grad, position_grad, segment_grad};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(embedfast, CUDA, m) {
-  m.impl("forward_extension", &forward_cuda);
-  m.impl("backward_extension", &backward_cuda);
+  m.impl("forward_extension", torch::CppFunction::makeFromBoxedFunction<&boxed<ForwardArgs, &forward_cuda>>());
+  m.impl("backward_extension", torch::CppFunction::makeFromBoxedFunction<&boxed<BackwardArgs, &backward_cuda>>());
 }
 
 }  // namespace embedfast

@@ -3,12 +3,14 @@
 
 #include <c10/macros/Macros.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
+
+#include "embedfast/spec.h"
 
 namespace embedfast {
-
-enum class PositionMode : int { kNone, kLearned, kInterleaved, kConcat };
 
 // Column `col` of the sinusoid table: P[pos, col] = keep * sin(pos * freq + phase); phase pi/2 gives cos.
 struct SinusoidColumn {
@@ -56,10 +58,50 @@ C10_HOST_DEVICE inline T combine(T token, T scale, T position, T segment) {
   return token * scale + position + segment;
 }
 
-// Position of token n: position_ids[n], or past_length + n % seq_len for a flattened (..., seq_len) batch.
+// Where token n's position comes from (spec.py): position_ids[n]; else, for packed documents,
+// offset + n - cu_seqlens[i] for token n of document i; else offset + n % seq_len.
 template <typename index_t>
-C10_HOST_DEVICE inline int64_t position_of(const index_t* position_ids, int64_t n, int64_t past_length, int64_t seq_len) {
-  return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : past_length + n % seq_len;
+struct PositionSource {
+  const index_t* position_ids;  // or null
+  const index_t* cu_seqlens;    // or null; num_documents + 1 boundaries
+  int64_t num_documents;
+  int64_t offset;
+  int64_t seq_len;
+
+  C10_HOST_DEVICE bool packed() const { return position_ids == nullptr && cu_seqlens != nullptr; }
+
+  // the first token of token n's document: cu_seqlens[lo] <= n < cu_seqlens[hi] by binary search
+  C10_HOST_DEVICE int64_t document_start(int64_t n) const {
+    int64_t lo = 0, hi = num_documents;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (static_cast<int64_t>(cu_seqlens[mid]) <= n) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    return static_cast<int64_t>(cu_seqlens[lo]);
+  }
+
+  C10_HOST_DEVICE int64_t operator()(int64_t n) const {
+    if (position_ids != nullptr) return static_cast<int64_t>(position_ids[n]);
+    if (cu_seqlens != nullptr) return offset + n - document_start(n);
+    return offset + n % seq_len;
+  }
+};
+
+template <typename index_t>
+const index_t* data_or_null(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? tensor->data_ptr<index_t>() : nullptr;
+}
+
+// The position source of an operator's arguments (ForwardArgs or BackwardArgs).
+template <typename index_t, typename Args>
+PositionSource<index_t> position_source(const Args& args) {
+  return {data_or_null<index_t>(args.position_ids), data_or_null<index_t>(args.cu_seqlens),
+          args.cu_seqlens.has_value() ? args.cu_seqlens->numel() - 1 : 0, args.position_offset,
+          std::max<int64_t>(args.seq_len, 1)};
 }
 
 }  // namespace embedfast

@@ -1,0 +1,199 @@
+// The operators' arguments, position modes and dtype policy for C++: the mirror of embedfast/spec.py, which
+// defines them (tests/test_spec.py fails when the two differ).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <type_traits>
+
+namespace embedfast {
+
+// X(name, value)
+#define EMBEDFAST_POSITION_MODES(X) \
+  X(kNone, 0)                       \
+  X(kLearned, 1)                    \
+  X(kInterleaved, 2)                \
+  X(kConcat, 3)
+
+#define EMBEDFAST_TOKEN_GRADS(X) \
+  X(kNone, 0)                    \
+  X(kSparse, 1)                  \
+  X(kDense, 2)
+
+#define EMBEDFAST_ENUMERATOR(name, value) name = value,
+enum class PositionMode : int64_t { EMBEDFAST_POSITION_MODES(EMBEDFAST_ENUMERATOR) };
+enum class TokenGrad : int64_t { EMBEDFAST_TOKEN_GRADS(EMBEDFAST_ENUMERATOR) };
+#undef EMBEDFAST_ENUMERATOR
+
+// The table dtypes (spec.TABLE_DTYPES): float32, float64, float16, bfloat16.
+#define EMBEDFAST_DISPATCH_TABLE_TYPES(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// spec.compute_dtype: float64 tables compute in float64, every other table dtype in float32.
+template <typename scalar_t>
+using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The operators' arguments in schema order, X(C++ type, name), as spec.py declares them.
+#define EMBEDFAST_FORWARD_ARGUMENTS(X)         \
+  X(at::Tensor, input_ids)                     \
+  X(at::Tensor, weight)                        \
+  X(std::optional<at::Tensor>, position_ids)   \
+  X(std::optional<at::Tensor>, position_weight) \
+  X(std::optional<at::Tensor>, token_type_ids) \
+  X(std::optional<at::Tensor>, segment_weight) \
+  X(std::optional<at::Tensor>, cu_seqlens)     \
+  X(double, scale)                             \
+  X(PositionMode, position_mode)               \
+  X(double, sinusoid_base)                     \
+  X(int64_t, max_positions)                    \
+  X(int64_t, position_offset)                  \
+  X(int64_t, seq_len)                          \
+  X(bool, check_bounds)
+
+#define EMBEDFAST_BACKWARD_ARGUMENTS(X)        \
+  X(at::Tensor, grad_out)                      \
+  X(at::Tensor, input_ids)                     \
+  X(int64_t, num_embeddings)                   \
+  X(std::optional<at::Tensor>, position_ids)   \
+  X(std::optional<at::Tensor>, token_type_ids) \
+  X(std::optional<at::Tensor>, cu_seqlens)     \
+  X(TokenGrad, token_grad)                     \
+  X(int64_t, padding_idx)                      \
+  X(double, scale)                             \
+  X(int64_t, num_positions)                    \
+  X(int64_t, num_segments)                     \
+  X(int64_t, position_offset)                  \
+  X(int64_t, seq_len)                          \
+  X(bool, check_bounds)
+
+namespace detail {
+
+template <typename T>
+T from_ivalue(const c10::IValue& value, const char* name);
+
+template <>
+inline at::Tensor from_ivalue<at::Tensor>(const c10::IValue& value, const char*) { return value.toTensor(); }
+
+template <>
+inline std::optional<at::Tensor> from_ivalue<std::optional<at::Tensor>>(const c10::IValue& value, const char*) {
+  return value.isNone() ? std::nullopt : std::optional<at::Tensor>(value.toTensor());
+}
+
+template <>
+inline double from_ivalue<double>(const c10::IValue& value, const char*) { return value.toDouble(); }
+
+template <>
+inline int64_t from_ivalue<int64_t>(const c10::IValue& value, const char*) { return value.toInt(); }
+
+template <>
+inline bool from_ivalue<bool>(const c10::IValue& value, const char*) { return value.toBool(); }
+
+// "0 (none), 1 (learned), 2 (interleaved) or 3 (concat)": spec.py's names, lower case, without the k
+#define EMBEDFAST_CHOICE(name, value) \
+  choices.emplace_back(std::to_string(value) + " (" + lower(std::string(#name).substr(1)) + ")");
+inline std::string lower(std::string text) {
+  for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return text;
+}
+inline std::string join_choices(const std::vector<std::string>& choices) {
+  std::string text;
+  for (size_t i = 0; i < choices.size(); ++i) text += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + choices[i];
+  return text;
+}
+inline const std::string& position_mode_choices() {
+  static const std::string text = [] {
+    std::vector<std::string> choices;
+    EMBEDFAST_POSITION_MODES(EMBEDFAST_CHOICE)
+    return join_choices(choices);
+  }();
+  return text;
+}
+inline const std::string& token_grad_choices() {
+  static const std::string text = [] {
+    std::vector<std::string> choices;
+    EMBEDFAST_TOKEN_GRADS(EMBEDFAST_CHOICE)
+    return join_choices(choices);
+  }();
+  return text;
+}
+#undef EMBEDFAST_CHOICE
+
+#define EMBEDFAST_IS_VALUE(name, value) || code == value
+template <>
+inline PositionMode from_ivalue<PositionMode>(const c10::IValue& value, const char* name) {
+  const int64_t code = value.toInt();
+  TORCH_CHECK_VALUE(false EMBEDFAST_POSITION_MODES(EMBEDFAST_IS_VALUE), name, " must be ", position_mode_choices(),
+                    ", got ", code);
+  return static_cast<PositionMode>(code);
+}
+
+template <>
+inline TokenGrad from_ivalue<TokenGrad>(const c10::IValue& value, const char* name) {
+  const int64_t code = value.toInt();
+  TORCH_CHECK_VALUE(false EMBEDFAST_TOKEN_GRADS(EMBEDFAST_IS_VALUE), name, " must be ", token_grad_choices(), ", got ",
+                    code);
+  return static_cast<TokenGrad>(code);
+}
+#undef EMBEDFAST_IS_VALUE
+
+// Once per operator: the schema's argument names are the ones this header lists, in its order.
+template <size_t kCount>
+void check_names(const c10::OperatorHandle& op, const char* const (&names)[kCount]) {
+  const auto& arguments = op.schema().arguments();
+  bool same = arguments.size() == kCount;
+  for (size_t i = 0; same && i < kCount; ++i) same = arguments[i].name() == names[i];
+  TORCH_CHECK(same, "embedfast: the schema of ", op.schema().name(), " (embedfast/spec.py) and the arguments in "
+              "csrc/include/embedfast/spec.h differ: rebuild the extension from the same checkout");
+}
+
+inline void push(torch::jit::Stack& stack, at::Tensor result) { torch::jit::push(stack, std::move(result)); }
+
+inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor, at::Tensor> result) {
+  torch::jit::push(stack, std::move(std::get<0>(result)), std::move(std::get<1>(result)), std::move(std::get<2>(result)));
+}
+
+}  // namespace detail
+
+#define EMBEDFAST_FIELD(type, name) type name;
+#define EMBEDFAST_NAME(type, name) #name,
+#define EMBEDFAST_UNPACK(type, name) args.name = detail::from_ivalue<type>(*(value++), #name);
+#define EMBEDFAST_ARGUMENTS_STRUCT(Struct, LIST)                                      \
+  struct Struct {                                                                     \
+    LIST(EMBEDFAST_FIELD)                                                             \
+    static constexpr const char* kNames[] = {LIST(EMBEDFAST_NAME)};                   \
+    static constexpr size_t kCount = sizeof(kNames) / sizeof(kNames[0]);              \
+    static Struct unpack(const torch::jit::Stack& stack) {                            \
+      Struct args;                                                                    \
+      auto value = stack.end() - kCount;                                              \
+      LIST(EMBEDFAST_UNPACK)                                                          \
+      return args;                                                                    \
+    }                                                                                 \
+  };
+
+EMBEDFAST_ARGUMENTS_STRUCT(ForwardArgs, EMBEDFAST_FORWARD_ARGUMENTS)
+EMBEDFAST_ARGUMENTS_STRUCT(BackwardArgs, EMBEDFAST_BACKWARD_ARGUMENTS)
+#undef EMBEDFAST_ARGUMENTS_STRUCT
+#undef EMBEDFAST_UNPACK
+#undef EMBEDFAST_NAME
+#undef EMBEDFAST_FIELD
+
+// A kernel `Result kernel(const Args&)` as the boxed kernel the dispatcher calls: the arguments come off the
+// stack by the order this header lists, checked once against the operator's schema.
+template <typename Args, auto kernel>
+void boxed(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  static const bool names_checked = (detail::check_names(op, Args::kNames), true);
+  (void)names_checked;
+  Args args = Args::unpack(*stack);
+  torch::jit::drop(*stack, Args::kCount);
+  detail::push(*stack, kernel(args));
+}
+
+}  // namespace embedfast

@@ -1,0 +1,138 @@
+"""What the embedfast operators are, defined once: their arguments, the position modes, the dtype policy.
+
+Everything else derives from here: the operator schemas and the unpacking of their inputs (``ops.py``),
+the tests' argument building, the Triton kernels' constexprs. ``csrc/include/embedfast/spec.h`` mirrors
+it for C++; ``tests/test_spec.py`` fails when the two differ.
+
+Each backend implements ``embedfast::forward_<backend>`` and ``embedfast::backward_<backend>`` on flattened
+tokens (``N`` tokens, ``D = embedding_dim``):
+
+forward: ``out[n] = weight[ids[n]] * scale + P[pos[n]] + segment_weight[seg[n]]``, shape (N, D), where P is
+  ``position_weight`` (``PositionMode.LEARNED``) or a sinusoid table (``INTERLEAVED``, ``CONCAT``).
+  The position source: ``position_ids[n]``; else, with ``cu_seqlens`` (packed documents
+  ``[0, l1, l1 + l2, ..., N]``), ``position_offset + n - cu_seqlens[i]`` for token n of document i; else
+  ``position_offset + n % seq_len``. ``token_type_ids`` None: seg[n] = 0.
+  ``max_positions``: the bound positions are checked against (0: none).
+  ``check_bounds``: index values are always checked against their tables; True: exactly, raising an
+  IndexError that names the bad value (reads the ids back: a host synchronization on CUDA); False on CUDA:
+  by a device-side assertion (no synchronization, CUDA-graph safe). CPU always checks exactly.
+
+backward: one pass over grad_out returns (token_grad, position_grad, segment_grad):
+  ``token_grad`` SPARSE: (N, D) values grad_out * scale; DENSE: (num_embeddings, D), the ``padding_idx`` row
+  zero; NONE: (0, D). position_grad (num_positions, D) and segment_grad (num_segments, D): 0 rows when not
+  wanted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+
+import torch
+
+
+class PositionMode(enum.IntEnum):
+    """How the operator makes the position term (its ``position_mode`` argument)."""
+
+    NONE = 0
+    LEARNED = 1  # rows of position_weight
+    INTERLEAVED = 2  # sinusoids, sin and cos interleaved (Vaswani et al.)
+    CONCAT = 3  # sinusoids, [sin | cos] (tensor2tensor, fairseq)
+
+
+class TokenGrad(enum.IntEnum):
+    """Which token-table gradient the backward writes (its ``token_grad`` argument)."""
+
+    NONE = 0
+    SPARSE = 1
+    DENSE = 2
+
+
+# the API's names: position= and sinusoid_layout= of the module and the functional form
+POSITION_ENCODINGS = ("sinusoidal", "learned", "none")
+SINUSOID_LAYOUTS = ("interleaved", "concat")
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# relative accuracy of one rounding from float32 math, per storage dtype (tests and bench compare with it)
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 for float64 tables, float32 for every other table dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def position_mode(position: str, sinusoid_layout: str) -> PositionMode:
+    """The operator's mode for the API's ``position`` and ``sinusoid_layout`` (both already checked)."""
+    if position == "sinusoidal":
+        return PositionMode[sinusoid_layout.upper()]
+    return PositionMode[position.upper()]
+
+
+_REQUIRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Argument:
+    name: str
+    type: str  # as in an operator schema
+    default: object = _REQUIRED  # what the tests' argument building fills in (required ones first)
+
+
+_FORWARD = (
+    Argument("input_ids", "Tensor"),
+    Argument("weight", "Tensor"),
+    Argument("position_ids", "Tensor?", None),
+    Argument("position_weight", "Tensor?", None),
+    Argument("token_type_ids", "Tensor?", None),
+    Argument("segment_weight", "Tensor?", None),
+    Argument("cu_seqlens", "Tensor?", None),
+    Argument("scale", "float", 1.0),
+    Argument("position_mode", "int", PositionMode.NONE),
+    Argument("sinusoid_base", "float", 10000.0),
+    Argument("max_positions", "int", 0),
+    Argument("position_offset", "int", 0),
+    Argument("seq_len", "int", 1),
+    Argument("check_bounds", "bool", True),
+)
+_BACKWARD = (
+    Argument("grad_out", "Tensor"),
+    Argument("input_ids", "Tensor"),
+    Argument("num_embeddings", "int"),
+    Argument("position_ids", "Tensor?", None),
+    Argument("token_type_ids", "Tensor?", None),
+    Argument("cu_seqlens", "Tensor?", None),
+    Argument("token_grad", "int", TokenGrad.NONE),
+    Argument("padding_idx", "int", -1),
+    Argument("scale", "float", 1.0),
+    Argument("num_positions", "int", 0),
+    Argument("num_segments", "int", 0),
+    Argument("position_offset", "int", 0),
+    Argument("seq_len", "int", 1),
+    Argument("check_bounds", "bool", True),
+)
+# what only the derivative needs: the autograd.Function takes it after the forward's inputs
+_GRADIENT = (Argument("padding_idx", "int", -1), Argument("sparse", "bool", False))
+
+# differentiable_forward: the forward under torch.compile, with what its derivative needs (see ops.py)
+OPERATORS = {"forward": (_FORWARD, "Tensor"), "backward": (_BACKWARD, "(Tensor, Tensor, Tensor)"),
+             "differentiable_forward": (_FORWARD + _GRADIENT, "Tensor")}
+
+
+def _inputs_type(name: str, arguments: tuple[Argument, ...]) -> type:
+    """A named tuple of the arguments, in schema order; the tests build operator inputs with its defaults."""
+    defaults = [a.default for a in arguments if a.default is not _REQUIRED]
+    return collections.namedtuple(name, [a.name for a in arguments], defaults=defaults)
+
+
+ForwardInputs = _inputs_type("ForwardInputs", _FORWARD)
+BackwardInputs = _inputs_type("BackwardInputs", _BACKWARD)
+GradientOptions = _inputs_type("GradientOptions", _GRADIENT)
+
+
+def schema(kind: str) -> str:
+    """The schema of the ``kind`` operator (a key of ``OPERATORS``)."""
+    arguments, returns = OPERATORS[kind]
+    return f"({', '.join(f'{a.type} {a.name}' for a in arguments)}) -> {returns}"
