@@ -16,6 +16,7 @@ import warnings
 import torch
 
 from . import ops
+from .validation import check_choice
 
 BACKENDS = ("extension", "triton", "reference")
 
@@ -45,16 +46,13 @@ def _load_failure(backend: str) -> str | None:
     return None
 
 
-def check_backend_name(backend: str) -> None:
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+def check_backend_name(backend: str, allow_auto: bool = True) -> None:
+    check_choice("backend", backend, ("auto", *BACKENDS) if allow_auto else BACKENDS)
 
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device``, or None if it can."""
-    if backend == "auto":
-        raise ValueError("unavailable_reason takes a backend's name, not 'auto'")
-    check_backend_name(backend)
+    check_backend_name(backend, allow_auto=False)
     if backend == "reference":
         return None
     if device.type not in ("cpu", "cuda"):

@@ -26,7 +26,7 @@ from .backends import available_backends
 from .module import FusedInputEmbedding
 from .positions import sinusoidal_positions
 from .reference import unfused_input_embedding
-from .spec import TOLERANCE
+from .spec import POSITION_ENCODINGS, TOLERANCE
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # glibc's allocator returns big freed blocks to the OS, so every 50 MB output page-faults again; these keep
@@ -261,7 +261,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--segments", type=int, default=2)
-    parser.add_argument("--position", choices=["sinusoidal", "learned", "none"], default="sinusoidal")
+    parser.add_argument("--position", choices=POSITION_ENCODINGS, default="sinusoidal")
     parser.add_argument("--backends", nargs="+", help="embedfast backends to time (default: every available one)")
     parser.add_argument("--direction", choices=["forward", "backward", "both"], default="both")
     parser.add_argument("--sweep", choices=["tokens", "dim"], help="time each contender over growing work")

@@ -71,19 +71,17 @@ def fused_forward(backend: str, inputs: ForwardInputs, options: GradientOptions)
 
     Through the ``autograd.Function`` whenever a derivative may be asked for; otherwise (inference) the
     operator itself, which skips the Function's per-call cost (it binds its arguments by signature, ~0.1 ms).
-    While ``torch.compile`` traces, ``differentiable_forward`` (reverse mode; compiled graphs have no forward mode).
+    While ``torch.compile`` traces, ``differentiable_forward`` when a gradient is wanted (reverse mode; compiled
+    graphs have no forward mode), else the operator itself (Inductor then sees the Triton kernels).
     """
+    tables = (inputs.weight, inputs.position_weight, inputs.segment_weight)
+    reverse_mode = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tables)
     if torch.compiler.is_compiling():
-        return getattr(torch.ops.embedfast, f"differentiable_forward_{backend}")(*inputs, *options)
-    if not _may_need_derivatives(inputs.weight, inputs.position_weight, inputs.segment_weight):
-        return getattr(torch.ops.embedfast, f"forward_{backend}")(*inputs)
-    return _FUNCTIONS[backend].apply(*inputs, *options)
-
-
-def _may_need_derivatives(*tables: torch.Tensor | None) -> bool:
-    if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tables)
+        if reverse_mode:
+            return getattr(torch.ops.embedfast, f"differentiable_forward_{backend}")(*inputs, *options)
+    elif reverse_mode or torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        return _FUNCTIONS[backend].apply(*inputs, *options)
+    return getattr(torch.ops.embedfast, f"forward_{backend}")(*inputs)
 
 
 def _function(name: str, op, setup_context, backward, jvp=None, op_inputs: int | None = None) -> type[torch.autograd.Function]:

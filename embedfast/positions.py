@@ -7,6 +7,7 @@ import math
 import torch
 
 from .spec import SINUSOID_LAYOUTS
+from .validation import check_choice
 
 
 def sinusoid_values(positions: torch.Tensor, dim: int, layout: str = "interleaved", base: float = 10000.0) -> torch.Tensor:
@@ -31,8 +32,7 @@ def sinusoid_frequencies(
     Column ``j`` of the encoding is ``sin(p * frequency[j])`` or ``cos(p * frequency[j])``; the zero
     column of an odd ``concat`` has frequency 0 and is a sine, so it is exactly 0.
     """
-    if layout not in SINUSOID_LAYOUTS:
-        raise ValueError(f"sinusoid_layout must be one of {SINUSOID_LAYOUTS}, got {layout!r}")
+    check_choice("sinusoid_layout", layout, SINUSOID_LAYOUTS)
     cols = torch.arange(dim, dtype=torch.float64, device=device)
     if layout == "interleaved":
         return base ** (-2.0 * torch.div(cols, 2, rounding_mode="floor") / dim), cols % 2 == 1

@@ -67,7 +67,7 @@ def test_every_kernel_is_built_for_sm80_and_sm90_without_stack_or_spills():
 
 def test_forward_kernel_uses_128_bit_loads_and_stores():
     sass = _dump("--dump-sass")
-    functions = _functions_by_arch(sass, r"Function : (\S*forward_kernel\S*Li(?:4|8)EE\S*)\n(.*?)(?=\n\s*Function :|\Z)")
+    functions = _functions_by_arch(sass, r"Function : (\S*forward_kernel\S*Li(?:4|8)ELb[01]EE\S*)\n(.*?)(?=\n\s*Function :|\Z)")
     for arch in ARCHS:
         vectorized = functions.get(arch, {})
         assert vectorized, f"no vectorized forward kernel for {arch}"

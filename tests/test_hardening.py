@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 
 import embedfast
 from cases import Case, assert_case_matches_truth
+from embedfast.spec import POSITION_ENCODINGS
 
 
 @st.composite
 def cases(draw) -> Case:
     shape = tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=3)))
     vocab = draw(st.integers(1, 40))
-    position = draw(st.sampled_from(["sinusoidal", "learned", "none"]))
+    position = draw(st.sampled_from(POSITION_ENCODINGS))
     past_length = draw(st.integers(0, 6))
     explicit_positions = position != "none" and draw(st.booleans())
     reach = past_length + shape[-1]

@@ -59,14 +59,23 @@ __device__ __forceinline__ acc sine(double reduced_angle) {
   }
 }
 
-template <typename scalar_t, typename index_t, int kVec>
+// kPacked: positions of packed documents (a binary search per token), in a variant of its own so that the search's
+// registers do not weigh on the other kernels.
+template <typename scalar_t, typename index_t, int kVec, bool kPacked>
 __global__ void __launch_bounds__(kThreads) forward_kernel(
-    const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const PositionSource<index_t> positions_param,
+    const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const index_t* __restrict__ position_ids,
+    const index_t* __restrict__ cu_seqlens, int64_t num_documents, int64_t offset, int64_t seq_len,
     const scalar_t* __restrict__ position_weight, const index_t* __restrict__ segment_ids,
     const scalar_t* __restrict__ segment_weight, scalar_t* __restrict__ out, int64_t tokens, int64_t dim,
     math_t<scalar_t> scale, PositionMode mode, double log_step) {
   using acc = math_t<scalar_t>;
-  const PositionSource<index_t> positions = positions_param;  // a local copy stays in registers (a parameter's address would not)
+  const auto position_of = [&](int64_t n) {
+    if constexpr (kPacked) {
+      return offset + n - document_start(cu_seqlens, num_documents, n);
+    } else {
+      return unpacked_position(position_ids, n, offset, seq_len);
+    }
+  };
   const int64_t chunks = dim / kVec;
   for (int64_t chunk = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; chunk < chunks;
        chunk += int64_t(gridDim.x) * blockDim.x) {
@@ -83,11 +92,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       acc position[kVec] = {};
       acc segment[kVec] = {};
       if (mode == PositionMode::kLearned) {
-        const auto row = load_chunk<scalar_t, kVec>(position_weight + positions(n) * dim + col);
+        const auto row = load_chunk<scalar_t, kVec>(position_weight + position_of(n) * dim + col);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) position[k] = static_cast<acc>(row.v[k]);
       } else if (sinusoid) {
-        const int64_t pos = positions(n);
+        const int64_t pos = position_of(n);
 #pragma unroll
         for (int k = 0; k < kVec; ++k) position[k] = sine<acc>(sinusoid_angle(pos, columns[k])) * columns[k].keep;
       }
@@ -245,8 +254,12 @@ at::Tensor forward_cuda(const ForwardArgs& args) {
       launch_vectorized<scalar_t>(dim, {weight.data_ptr(), out.data_ptr(), pos_table, seg_table}, [&](auto vec_constant) {
         constexpr int kVec = decltype(vec_constant)::value;
         const dim3 block = row_block(dim / kVec);
-        forward_kernel<scalar_t, index_t, kVec><<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
-            args.input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), position_source<index_t>(args), pos_table,
+        const PositionSource<index_t> positions = position_source<index_t>(args);
+        const auto kernel = positions.packed() ? forward_kernel<scalar_t, index_t, kVec, true>
+                                               : forward_kernel<scalar_t, index_t, kVec, false>;
+        kernel<<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
+            args.input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), positions.position_ids,
+            positions.cu_seqlens, positions.num_documents, positions.offset, positions.seq_len, pos_table,
             data_or_null<index_t>(args.token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim,
             static_cast<math_t<scalar_t>>(args.scale), args.position_mode,
             sinusoid_log_step(dim, args.position_mode, std::log(args.sinusoid_base)));

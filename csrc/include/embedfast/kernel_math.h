@@ -61,6 +61,27 @@ C10_HOST_DEVICE inline T combine(T token, T scale, T position, T segment) {
 // Where token n's position comes from (spec.py): position_ids[n]; else, for packed documents,
 // offset + n - cu_seqlens[i] for token n of document i; else offset + n % seq_len.
 template <typename index_t>
+C10_HOST_DEVICE inline int64_t unpacked_position(const index_t* position_ids, int64_t n, int64_t offset, int64_t seq_len) {
+  return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : offset + n % seq_len;
+}
+
+// The first token of token n's document: cu_seqlens[lo] <= n < cu_seqlens[hi] by binary search.
+template <typename index_t>
+C10_HOST_DEVICE inline int64_t document_start(const index_t* cu_seqlens, int64_t num_documents, int64_t n) {
+  int64_t lo = 0, hi = num_documents;
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (static_cast<int64_t>(cu_seqlens[mid]) <= n) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return static_cast<int64_t>(cu_seqlens[lo]);
+}
+
+// The position source as one value, for the CPU kernels.
+template <typename index_t>
 struct PositionSource {
   const index_t* position_ids;  // or null
   const index_t* cu_seqlens;    // or null; num_documents + 1 boundaries
@@ -68,26 +89,11 @@ struct PositionSource {
   int64_t offset;
   int64_t seq_len;
 
-  C10_HOST_DEVICE bool packed() const { return position_ids == nullptr && cu_seqlens != nullptr; }
+  bool packed() const { return position_ids == nullptr && cu_seqlens != nullptr; }
 
-  // the first token of token n's document: cu_seqlens[lo] <= n < cu_seqlens[hi] by binary search
-  C10_HOST_DEVICE int64_t document_start(int64_t n) const {
-    int64_t lo = 0, hi = num_documents;
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (static_cast<int64_t>(cu_seqlens[mid]) <= n) {
-        lo = mid;
-      } else {
-        hi = mid;
-      }
-    }
-    return static_cast<int64_t>(cu_seqlens[lo]);
-  }
-
-  C10_HOST_DEVICE int64_t operator()(int64_t n) const {
-    if (position_ids != nullptr) return static_cast<int64_t>(position_ids[n]);
-    if (cu_seqlens != nullptr) return offset + n - document_start(n);
-    return offset + n % seq_len;
+  int64_t operator()(int64_t n) const {
+    return packed() ? offset + n - document_start(cu_seqlens, num_documents, n)
+                    : unpacked_position(position_ids, n, offset, seq_len);
   }
 };
 

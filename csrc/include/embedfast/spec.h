@@ -7,6 +7,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/stack.h>
 
+#include <cctype>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -96,53 +97,46 @@ inline int64_t from_ivalue<int64_t>(const c10::IValue& value, const char*) { ret
 template <>
 inline bool from_ivalue<bool>(const c10::IValue& value, const char*) { return value.toBool(); }
 
-// "0 (none), 1 (learned), 2 (interleaved) or 3 (concat)": spec.py's names, lower case, without the k
-#define EMBEDFAST_CHOICE(name, value) \
-  choices.emplace_back(std::to_string(value) + " (" + lower(std::string(#name).substr(1)) + ")");
-inline std::string lower(std::string text) {
-  for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return text;
-}
-inline std::string join_choices(const std::vector<std::string>& choices) {
-  std::string text;
-  for (size_t i = 0; i < choices.size(); ++i) text += (i == 0 ? "" : i + 1 == choices.size() ? " or " : ", ") + choices[i];
-  return text;
-}
-inline const std::string& position_mode_choices() {
-  static const std::string text = [] {
-    std::vector<std::string> choices;
-    EMBEDFAST_POSITION_MODES(EMBEDFAST_CHOICE)
-    return join_choices(choices);
-  }();
-  return text;
-}
-inline const std::string& token_grad_choices() {
-  static const std::string text = [] {
-    std::vector<std::string> choices;
-    EMBEDFAST_TOKEN_GRADS(EMBEDFAST_CHOICE)
-    return join_choices(choices);
-  }();
-  return text;
-}
+// An enum's values and names, "kNone" for spec.py's NONE.
+struct Choice {
+  int64_t value;
+  const char* name;
+};
+#define EMBEDFAST_CHOICE(name, value) Choice{value, #name},
+inline constexpr Choice kPositionModes[] = {EMBEDFAST_POSITION_MODES(EMBEDFAST_CHOICE)};
+inline constexpr Choice kTokenGrads[] = {EMBEDFAST_TOKEN_GRADS(EMBEDFAST_CHOICE)};
 #undef EMBEDFAST_CHOICE
 
-#define EMBEDFAST_IS_VALUE(name, value) || code == value
+// "0 (none), 1 (learned), 2 (interleaved) or 3 (concat)", as op_checks.py words it
+template <size_t kCount>
+std::string describe(const Choice (&choices)[kCount]) {
+  std::string text;
+  for (size_t i = 0; i < kCount; ++i) {
+    std::string name = std::string(choices[i].name).substr(1);
+    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    text += (i == 0 ? "" : i + 1 == kCount ? " or " : ", ") + std::to_string(choices[i].value) + " (" + name + ")";
+  }
+  return text;
+}
+
+template <typename Enum, size_t kCount>
+Enum enum_from(const c10::IValue& value, const Choice (&choices)[kCount], const char* name) {
+  const int64_t code = value.toInt();
+  bool known = false;
+  for (const Choice& choice : choices) known = known || choice.value == code;
+  TORCH_CHECK_VALUE(known, name, " must be ", describe(choices), ", got ", code);
+  return static_cast<Enum>(code);
+}
+
 template <>
 inline PositionMode from_ivalue<PositionMode>(const c10::IValue& value, const char* name) {
-  const int64_t code = value.toInt();
-  TORCH_CHECK_VALUE(false EMBEDFAST_POSITION_MODES(EMBEDFAST_IS_VALUE), name, " must be ", position_mode_choices(),
-                    ", got ", code);
-  return static_cast<PositionMode>(code);
+  return enum_from<PositionMode>(value, kPositionModes, name);
 }
 
 template <>
 inline TokenGrad from_ivalue<TokenGrad>(const c10::IValue& value, const char* name) {
-  const int64_t code = value.toInt();
-  TORCH_CHECK_VALUE(false EMBEDFAST_TOKEN_GRADS(EMBEDFAST_IS_VALUE), name, " must be ", token_grad_choices(), ", got ",
-                    code);
-  return static_cast<TokenGrad>(code);
+  return enum_from<TokenGrad>(value, kTokenGrads, name);
 }
-#undef EMBEDFAST_IS_VALUE
 
 // Once per operator: the schema's argument names are the ones this header lists, in its order.
 template <size_t kCount>
