@@ -49,6 +49,15 @@ class TokenGrad(enum.IntEnum):
     DENSE = 2
 
 
+class CpuIsa(enum.IntEnum):
+    """The instruction-set paths of the C++ CPU kernels, lowest first. The best one the CPU can run is taken
+    once per process; the environment variable ``EMBEDFAST_CPU_ISA`` (a lower-case name) forces a lower one."""
+
+    PORTABLE = 0  # plain C++, vectorized by the compiler for the baseline x86-64 (or any other CPU)
+    AVX2 = 1  # AVX2 + FMA + F16C
+    AVX512 = 2  # AVX-512 F, BW, VL, DQ
+
+
 # the API's names: position= and sinusoid_layout= of the module and the functional form
 POSITION_ENCODINGS = ("sinusoidal", "learned", "none")
 SINUSOID_LAYOUTS = ("interleaved", "concat")

@@ -20,7 +20,8 @@ def _macro(name: str) -> str:
 
 
 @pytest.mark.parametrize("python_enum, macro", [(spec.PositionMode, "EMBEDFAST_POSITION_MODES"),
-                                                (spec.TokenGrad, "EMBEDFAST_TOKEN_GRADS")])
+                                                (spec.TokenGrad, "EMBEDFAST_TOKEN_GRADS"),
+                                                (spec.CpuIsa, "EMBEDFAST_CPU_ISAS")])
 def test_enums_match(python_enum, macro):
     cpp = {name.upper(): int(value) for name, value in re.findall(r"X\(k(\w+), (\d+)\)", _macro(macro))}
     assert cpp == {member.name.replace("_", ""): member.value for member in python_enum}

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "embedfast/checks.h"
@@ -39,7 +40,8 @@ void sum_partials(const std::vector<acc_t>& partial, int64_t groups, int64_t row
   });
 }
 
-// out[r] = scale * sum of grad rows n with key(n) == r, summed in token order; rows with no token are zero.
+// out[r] = scale * sum of grad rows n with key(n) == r, summed in token order; rows with no token are zero. Each
+// row of `out` is written once: runs of rows no token touches are cleared with one memset.
 template <typename scalar_t, typename Key>
 void sum_rows_by_key(const scalar_t* grad, int64_t tokens, const SideRowLayout& layout, int64_t rows, Key key,
                      double scale, scalar_t* out) {
@@ -59,13 +61,21 @@ void sum_rows_by_key(const scalar_t* grad, int64_t tokens, const SideRowLayout& 
   }
   at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dim);
-    for (int64_t r = begin; r < end; ++r) {
+    for (int64_t r = begin; r < end;) {
+      if (start[r] == start[r + 1]) {
+        int64_t untouched_end = r + 1;
+        while (untouched_end < end && start[untouched_end] == start[untouched_end + 1]) ++untouched_end;
+        std::memset(static_cast<void*>(out + r * dim), 0, (untouched_end - r) * dim * sizeof(scalar_t));
+        r = untouched_end;
+        continue;
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t i = start[r]; i < start[r + 1]; ++i) {
         scale_or_accumulate_rows(static_cast<scalar_t*>(nullptr), acc.data(), grad + sorted_tokens[i] * dim, acc_t(1), dim,
                                  false);
       }
-      layout.store(out + r * dim, acc.data(), static_cast<acc_t>(scale));
+      store_side_rows(out + r * dim, acc.data(), static_cast<acc_t>(scale), dim);
+      ++r;
     }
   });
 }
@@ -81,7 +91,7 @@ void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk&
   using acc_t = math_t<scalar_t>;
   const int64_t dim = layout.dim();
   const int64_t slots = std::max<int64_t>(num_segments, 1);  // sums of one offset: one per segment
-  std::fill(position_grad, position_grad + num_positions * dim, scalar_t(0));
+  std::memset(static_cast<void*>(position_grad), 0, num_positions * dim * sizeof(scalar_t));
   std::vector<acc_t> partial(walk.tiles() * num_segments * dim, acc_t(0));
   at::parallel_for(0, walk.tiles(), 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sums(kTilePositions * slots * dim);
@@ -103,7 +113,7 @@ void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk&
           const acc_t* sum = sums.data() + (k * slots + segment) * dim;
           for (int64_t j = 0; j < dim; ++j) position_sum[j] += sum[j];
         }
-        layout.store(position_grad + (offset + first + k) * dim, position_sum.data(), acc_t(1));
+        store_side_rows(position_grad + (offset + first + k) * dim, position_sum.data(), acc_t(1), dim);
         for (int64_t segment = 0; segment < num_segments; ++segment) {
           acc_t* tile_partial = partial.data() + (tile * num_segments + segment) * dim;
           for (int64_t j = 0; j < dim; ++j) tile_partial[j] += sums[(k * slots + segment) * dim + j];

@@ -49,10 +49,16 @@ int64_t longest_document(const PositionSource<index_t>& source) {
   return longest;
 }
 
-// Sinusoid rows of positions [first, first + rows): the cached table of [0, first + rows) when it fits, else made.
-PositionRows sinusoid_span(const SideRowLayout& layout, const ForwardArgs& args, int64_t first, int64_t rows,
+// Position rows [first, first + rows): the rows of the learned table (only those: a call's cost does not grow
+// with the table), or sinusoid rows, from the cached table of [0, first + rows) when it fits, else made.
+PositionRows position_span(const SideRowLayout& layout, const ForwardArgs& args, int64_t first, int64_t rows,
                            at::ScalarType math_dtype) {
   PositionRows span;
+  if (args.position_mode == PositionMode::kLearned) {
+    span.table = layout.side_rows(args.position_weight->narrow(0, first, rows), math_dtype);
+    span.first = first;
+    return span;
+  }
   span.table = cached_sinusoid(layout, args.position_mode, args.sinusoid_base, first + rows, math_dtype);
   if (!span.table.defined()) {
     span.table = sinusoid_range(first, rows, sinusoid_columns(layout, args.position_mode, args.sinusoid_base), math_dtype);
@@ -65,26 +71,24 @@ template <typename index_t>
 PositionRows position_rows(const ForwardArgs& args, const PositionSource<index_t>& source, const SideRowLayout& layout,
                            const Walk& walk, at::ScalarType math_dtype) {
   PositionRows rows;
+  const bool learned = args.position_mode == PositionMode::kLearned;
   if (args.position_mode == PositionMode::kNone) {
     rows.table = at::zeros({1, layout.dim()}, at::TensorOptions().dtype(math_dtype));
     rows.constant_row = true;
-  } else if (args.position_mode == PositionMode::kLearned) {
-    rows.table = layout.side_rows(*args.position_weight, math_dtype);
   } else if (source.packed()) {
-    rows = sinusoid_span(layout, args, source.offset, longest_document(source), math_dtype);
+    rows = position_span(layout, args, source.offset, longest_document(source), math_dtype);
   } else if (source.position_ids == nullptr) {
+    if (learned) return position_span(layout, args, source.offset, walk.period, math_dtype);
     rows.table = cached_sinusoid(layout, args.position_mode, args.sinusoid_base, source.offset + walk.period, math_dtype);
     rows.rotate = !rows.table.defined();
   } else {
     const auto [lo, hi] = at::aminmax(*args.position_ids);
     const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
-    if (high - low + 1 <= walk.tokens) {
-      rows = sinusoid_span(layout, args, low, high - low + 1, math_dtype);
-    } else {
-      rows.table = sinusoid_per_token(source.position_ids, walk.tokens,
-                                      sinusoid_columns(layout, args.position_mode, args.sinusoid_base), math_dtype);
-      rows.per_token = true;
-    }
+    if (high - low + 1 <= walk.tokens) return position_span(layout, args, low, high - low + 1, math_dtype);
+    rows.table = learned ? layout.side_rows(args.position_weight->index_select(0, *args.position_ids), math_dtype)
+                         : sinusoid_per_token(source.position_ids, walk.tokens,
+                                              sinusoid_columns(layout, args.position_mode, args.sinusoid_base), math_dtype);
+    rows.per_token = true;
   }
   return rows;
 }

@@ -1,10 +1,13 @@
 // Row loops of the CPU kernels: the only code that touches every element of a row.
 //
+// Each loop takes the instruction-set path cpu_isa() chose (cpu_machine.h): row_loops_avx512.cpp,
+// row_loops_avx2.cpp, or the portable loops of row_loops_portable.h.
+//
 // Token rows, gradient rows and outputs are in natural column order. The math-dtype "side rows" the loops read
 // or write beside them (position and segment rows, partial sums) are in the loops' lane order for the storage
-// dtype, which SideRowLayout owns: natural, except for bfloat16 on a machine with AVX2, FMA and F16C, where every
-// full block of 16 columns holds columns 0-3, 8-11, 4-7, 12-15 (the order in which unpacking 16 bfloat16 values
-// into two float32 vectors leaves them; see row_loops.cpp).
+// dtype, which SideRowLayout owns: natural, except for bfloat16 on the AVX2 path, where every full block of 16
+// columns holds columns 0-3, 8-11, 4-7, 12-15 (the order in which unpacking 16 bfloat16 values into two float32
+// vectors leaves them; see row_loops_avx2.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,14 +29,8 @@ class SideRowLayout {
   // the column that slot `slot` of a side row holds
   int64_t column(int64_t slot) const { return columns_[slot]; }
 
-  // `table` (rows, dim) in `math_dtype`, as side rows of this layout
+  // `table` (rows, dim) in `math_dtype`, as side rows of this layout (a view of it where that is the same)
   at::Tensor side_rows(const at::Tensor& table, at::ScalarType math_dtype) const;
-
-  // out[column(j)] = side[j] * scale: a side row back in natural order, rounded to the storage type
-  template <typename scalar_t, typename acc_t>
-  void store(scalar_t* out, const acc_t* side, acc_t scale) const {
-    for (int64_t j = 0; j < dim(); ++j) out[columns_[j]] = static_cast<scalar_t>(side[j] * scale);
-  }
 
  private:
   std::vector<int64_t> columns_;
@@ -46,17 +43,32 @@ bool stream_output(int64_t bytes);
 void end_streaming();
 
 // out = combine(token, scale, position, segment) per column. out = grad * scale and/or acc += grad (either
-// pointer may be null). `stream`: see stream_output.
+// pointer may be null). `stream`: see stream_output. store_side_rows: out = side * scale, a side row back in
+// natural order in the storage dtype.
 #define EMBEDFAST_DECLARE_ROW_LOOPS(scalar_t)                                                                   \
   void combine_rows(scalar_t* out, const scalar_t* token, const math_t<scalar_t>* position,                    \
                     const math_t<scalar_t>* segment, math_t<scalar_t> scale, int64_t dim, bool stream);        \
   void scale_or_accumulate_rows(scalar_t* out, math_t<scalar_t>* acc, const scalar_t* grad, math_t<scalar_t> scale, \
-                                int64_t dim, bool stream);
+                                int64_t dim, bool stream);                                                     \
+  void store_side_rows(scalar_t* out, const math_t<scalar_t>* side, math_t<scalar_t> scale, int64_t dim);
 
 EMBEDFAST_DECLARE_ROW_LOOPS(float)
 EMBEDFAST_DECLARE_ROW_LOOPS(double)
 EMBEDFAST_DECLARE_ROW_LOOPS(c10::Half)
 EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)
+
+// the same loops, per instruction set (row_loops_<isa>.cpp); widen_blocks: whole blocks of bfloat16 rows as
+// float32 side rows
+#define EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(isa)                                 \
+  namespace isa {                                                             \
+  EMBEDFAST_DECLARE_ROW_LOOPS(float)                                          \
+  EMBEDFAST_DECLARE_ROW_LOOPS(c10::Half)                                      \
+  EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)                                  \
+  void widen_blocks(float* out, const c10::BFloat16* row, int64_t dim);       \
+  }
+EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx2)
+EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx512)
+#undef EMBEDFAST_DECLARE_SIMD_ROW_LOOPS
 #undef EMBEDFAST_DECLARE_ROW_LOOPS
 
 // row = sin(theta); theta += step, as a float64 rotation of (sin, cos) per column.

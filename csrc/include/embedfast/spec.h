@@ -27,9 +27,16 @@ namespace embedfast {
   X(kSparse, 1)                  \
   X(kDense, 2)
 
+// the CPU kernels' instruction-set paths, lowest first (csrc/cpu/cpu_machine.h)
+#define EMBEDFAST_CPU_ISAS(X) \
+  X(kPortable, 0)             \
+  X(kAvx2, 1)                 \
+  X(kAvx512, 2)
+
 #define EMBEDFAST_ENUMERATOR(name, value) name = value,
 enum class PositionMode : int64_t { EMBEDFAST_POSITION_MODES(EMBEDFAST_ENUMERATOR) };
 enum class TokenGrad : int64_t { EMBEDFAST_TOKEN_GRADS(EMBEDFAST_ENUMERATOR) };
+enum class CpuIsa : int64_t { EMBEDFAST_CPU_ISAS(EMBEDFAST_ENUMERATOR) };
 #undef EMBEDFAST_ENUMERATOR
 
 // The table dtypes (spec.TABLE_DTYPES): float32, float64, float16, bfloat16.
@@ -105,16 +112,23 @@ struct Choice {
 #define EMBEDFAST_CHOICE(name, value) Choice{value, #name},
 inline constexpr Choice kPositionModes[] = {EMBEDFAST_POSITION_MODES(EMBEDFAST_CHOICE)};
 inline constexpr Choice kTokenGrads[] = {EMBEDFAST_TOKEN_GRADS(EMBEDFAST_CHOICE)};
+inline constexpr Choice kCpuIsas[] = {EMBEDFAST_CPU_ISAS(EMBEDFAST_CHOICE)};
 #undef EMBEDFAST_CHOICE
+
+// spec.py's lower-case name of a choice: "learned" for kLearned
+inline std::string choice_name(const Choice& choice) {
+  std::string name = std::string(choice.name).substr(1);
+  for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return name;
+}
 
 // "0 (none), 1 (learned), 2 (interleaved) or 3 (concat)", as op_checks.py words it
 template <size_t kCount>
 std::string describe(const Choice (&choices)[kCount]) {
   std::string text;
   for (size_t i = 0; i < kCount; ++i) {
-    std::string name = std::string(choices[i].name).substr(1);
-    for (char& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    text += (i == 0 ? "" : i + 1 == kCount ? " or " : ", ") + std::to_string(choices[i].value) + " (" + name + ")";
+    text += (i == 0 ? "" : i + 1 == kCount ? " or " : ", ") + std::to_string(choices[i].value) + " (" +
+            choice_name(choices[i]) + ")";
   }
   return text;
 }

@@ -1,0 +1,84 @@
+// The vector row loops, written once over a `Simd` of primitives. Each row_loops_<isa>.cpp defines its Simd
+// after `#pragma GCC target(...)` and then includes this file, so that the loops are compiled for that
+// instruction set in that file alone (internal linkage: no copy can stand in for another at link time).
+//
+// Simd::Block holds Simd::kBlock columns as float32 vectors: float32 and float16 rows in natural order, bfloat16
+// rows in Simd's lane order, which SideRowLayout (row_loops.h) gives the side rows.
+#include <cstdint>
+
+#ifndef EMBEDFAST_SIMD_NAMESPACE
+#error "define EMBEDFAST_SIMD_NAMESPACE and a struct Simd before including simd_row_loops.h"
+#endif
+
+namespace embedfast {
+namespace EMBEDFAST_SIMD_NAMESPACE {
+namespace {
+
+template <typename scalar_t>
+bool can_stream(const scalar_t* row, bool stream) {
+  return stream && reinterpret_cast<uintptr_t>(row) % Simd::kStreamAlignment == 0;
+}
+
+// combine(), with the multiply and the position add fused
+template <bool kStream, typename scalar_t>
+void combine_blocks(scalar_t* out, const scalar_t* token, const float* position, const float* segment, float scale,
+                    int64_t dim) {
+  const auto factor = Simd::broadcast(portable::canonical(scale));
+  int64_t j = 0;
+  for (; j + Simd::kBlock <= dim; j += Simd::kBlock) {
+    Simd::store<kStream>(
+        out + j, Simd::add(Simd::fmadd(Simd::load(token + j), factor, Simd::load(position + j)), Simd::load(segment + j)));
+  }
+  portable::combine_row(out + j, token + j, position + j, segment + j, scale, dim - j);
+}
+
+template <bool kStream, typename scalar_t>
+void scale_or_accumulate_blocks(scalar_t* out, float* acc, const scalar_t* grad, float scale, int64_t dim) {
+  const auto factor = Simd::broadcast(portable::canonical(scale));
+  int64_t j = 0;
+  for (; j + Simd::kBlock <= dim; j += Simd::kBlock) {
+    const auto g = Simd::load(grad + j);
+    if (out != nullptr) Simd::store<kStream>(out + j, Simd::mul(g, factor));
+    if (acc != nullptr) Simd::store<false>(acc + j, Simd::add(Simd::load(acc + j), g));
+  }
+  portable::scale_or_accumulate_row(out == nullptr ? nullptr : out + j, acc == nullptr ? nullptr : acc + j, grad + j,
+                                    scale, dim - j);
+}
+
+template <typename scalar_t>
+void store_side_blocks(scalar_t* out, const float* side, float scale, int64_t dim) {
+  const auto factor = Simd::broadcast(portable::canonical(scale));
+  int64_t j = 0;
+  for (; j + Simd::kBlock <= dim; j += Simd::kBlock) Simd::store<false>(out + j, Simd::mul(Simd::load(side + j), factor));
+  portable::store_side_row(out + j, side + j, scale, dim - j);
+}
+
+}  // namespace
+
+#define EMBEDFAST_SIMD_ROW_LOOPS(scalar_t)                                                                           \
+  void combine_rows(scalar_t* out, const scalar_t* token, const float* position, const float* segment, float scale,  \
+                    int64_t dim, bool stream) {                                                                      \
+    if (can_stream(out, stream)) return combine_blocks<true>(out, token, position, segment, scale, dim);            \
+    combine_blocks<false>(out, token, position, segment, scale, dim);                                                \
+  }                                                                                                                   \
+  void scale_or_accumulate_rows(scalar_t* out, float* acc, const scalar_t* grad, float scale, int64_t dim,            \
+                                bool stream) {                                                                       \
+    if (can_stream(out, stream)) return scale_or_accumulate_blocks<true>(out, acc, grad, scale, dim);               \
+    scale_or_accumulate_blocks<false>(out, acc, grad, scale, dim);                                                   \
+  }                                                                                                                   \
+  void store_side_rows(scalar_t* out, const float* side, float scale, int64_t dim) {                                  \
+    store_side_blocks(out, side, scale, dim);                                                                        \
+  }
+
+EMBEDFAST_SIMD_ROW_LOOPS(float)
+EMBEDFAST_SIMD_ROW_LOOPS(c10::Half)
+EMBEDFAST_SIMD_ROW_LOOPS(c10::BFloat16)
+#undef EMBEDFAST_SIMD_ROW_LOOPS
+
+// whole blocks only (dim a multiple of Simd::kBlock): bfloat16 rows as float32 side rows
+void widen_blocks(float* out, const c10::BFloat16* row, int64_t dim) {
+  for (int64_t j = 0; j < dim; j += Simd::kBlock) Simd::store<false>(out + j, Simd::load(row + j));
+}
+
+}  // namespace EMBEDFAST_SIMD_NAMESPACE
+}  // namespace embedfast
