@@ -71,7 +71,7 @@ def extension_modules():
     from torch.utils import cpp_extension
 
     use_cuda = bool(torch.version.cuda) and cuda_home is not None and os.environ.get("EMBEDFAST_NO_CUDA") != "1"
-    sources = ["csrc/module.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
+    sources = ["csrc/module.cpp", "csrc/eager.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
     # ATen's parallel_for is OpenMP inside the headers: without -fopenmp it runs on one thread
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
     include_dirs = [str(ROOT / "csrc" / "include")]

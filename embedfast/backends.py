@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -34,10 +35,11 @@ def _load_failure(backend: str) -> str | None:
         if importlib.util.find_spec("embedfast._C") is None:
             return "the C++ extension embedfast._C is not built"
         try:
-            importlib.import_module("embedfast._C")
+            extension = importlib.import_module("embedfast._C")
         except (ImportError, OSError) as error:
             return f"{_BROKEN_EXTENSION} ({error}); {REBUILD_HINT}"
         ops.register_fake_and_autograd("extension")
+        ops.register_eager_entry("extension", extension.fused_forward)
     elif backend == "triton":
         try:
             importlib.import_module("embedfast.triton_kernels")
@@ -94,6 +96,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if reason is not None:
         raise RuntimeError(f"embedfast backend {backend!r} is not available on {device.type}: {reason}")
     return backend
+
+
+class CpuInfo(NamedTuple):
+    isa: str  # the instruction-set path the CPU kernels take (a spec.CpuIsa name, lower case)
+    runnable: list[str]  # the paths this CPU can run, lowest first
+    cache_bytes: list[int]  # L1 data and L2 per core, L3 in all
+
+
+def cpu_info() -> CpuInfo | None:
+    """What the extension's CPU kernels found of this machine, or None without a loadable extension. The path is
+    the best one the CPU runs unless the environment variable ``EMBEDFAST_CPU_ISA`` names a lower one."""
+    if _load_failure("extension") is not None:
+        return None
+    return CpuInfo(*torch.ops.embedfast.cpu_info())
 
 
 def forward_op(backend: str):

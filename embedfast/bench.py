@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from .backends import available_backends
+from .backends import available_backends, cpu_info
 from .module import FusedInputEmbedding
 from .positions import sinusoidal_positions
 from .reference import unfused_input_embedding
@@ -44,18 +44,30 @@ class Problem:
     vocab: int
     segments: int
     position: str
+    past_length: int = 0  # default positions start here (a decode step)
+    sparse: bool = True  # the token table's gradient
 
     @property
     def tokens(self) -> int:
         return self.batch * self.seq_len
 
+    @property
+    def positions(self) -> int:
+        return self.past_length + self.seq_len
+
     def bytes_moved(self, direction: str) -> int:
-        """The least the fused operator must move: token rows in, output rows out, the ids."""
+        """The least the fused operator must move: token rows in, output rows out (forward; backward: grad rows in,
+        sparse values out, or the whole dense (vocab, dim) gradient out), the ids, the small tables."""
         element = torch.empty((), dtype=self.dtype).element_size()
-        rows = 2 * self.tokens * self.dim * element
+        rows_out = self.tokens if direction == "forward" or self.sparse else self.vocab
+        rows = (self.tokens + rows_out) * self.dim * element
         ids = self.tokens * 8 * (1 + (self.segments > 0))
         tables = (self.segments + (self.seq_len if self.position == "learned" else 0)) * self.dim * element
         return rows + ids + (tables if direction == "forward" else 2 * tables)
+
+    def label(self) -> str:
+        past = f" (past_length {self.past_length})" if self.past_length else ""
+        return f"{self.batch} x {self.seq_len}{past}"
 
 
 @dataclasses.dataclass
@@ -83,8 +95,8 @@ class Contenders:
         self.modules = {}
         for name in backends or ["reference"]:
             module = FusedInputEmbedding(p.vocab, p.dim, num_segments=p.segments, position=p.position,
-                                         max_positions=p.seq_len if p.position == "learned" else None, backend=name,
-                                         device=p.device, dtype=p.dtype)
+                                         max_positions=p.positions if p.position == "learned" else None,
+                                         sparse=p.sparse, backend=name, device=p.device, dtype=p.dtype)
             if self.modules:  # every contender shares the first module's tables
                 module.load_state_dict(next(iter(self.modules.values())).state_dict())
             self.modules[name] = module
@@ -93,22 +105,26 @@ class Contenders:
         self.weight, self.segment_weight, self.position_weight = first.weight, first.segment_weight, first.position_weight
         self.position_table = None
         if p.position == "sinusoidal":
-            self.position_table = sinusoidal_positions(p.seq_len, p.dim, dtype=p.dtype, device=p.device)
+            self.position_table = sinusoidal_positions(p.positions, p.dim, dtype=p.dtype, device=p.device)
         elif p.position == "learned":
             self.position_table = self.position_weight
-        self.positions = torch.arange(p.seq_len, device=p.device).expand(p.batch, p.seq_len)
+        self.positions = torch.arange(p.past_length, p.positions, device=p.device).expand(p.batch, p.seq_len)
         self.gather_out = torch.empty(p.tokens, p.dim, dtype=p.dtype, device=p.device)
+        # the dense gradient's floor clears a (vocab, dim) result
+        self.dense_out = None if p.sparse else torch.empty(p.vocab, p.dim, dtype=p.dtype, device=p.device)
         self.grad_out = torch.randn(p.batch, p.seq_len, p.dim, generator=generator).to(p.device, p.dtype)
         self.compiled = torch.compile(self.eager)
 
     def eager(self, ids, types):
-        """The unfused PyTorch a user would write: nn.Embedding(sparse=True) lookups, scale, adds."""
+        """The unfused PyTorch a user would write: nn.Embedding lookups (sparse or dense gradient), scale, adds."""
         return unfused_input_embedding(ids, self.weight, scale=self.scale, position_table=self.position_table,
                                        position_ids=self.positions if self.position_table is not None else None,
-                                       segment_weight=self.segment_weight, token_type_ids=types, sparse=True)
+                                       segment_weight=self.segment_weight, token_type_ids=types, sparse=self.problem.sparse)
 
     def forward_fns(self) -> dict[str, Callable[[], torch.Tensor]]:
-        fns = {f"embedfast[{name}]": (lambda m=module: m(self.ids, self.types)) for name, module in self.modules.items()}
+        past = self.problem.past_length
+        fns = {f"embedfast[{name}]": (lambda m=module: m(self.ids, self.types, past_length=past))
+               for name, module in self.modules.items()}
         fns["eager"] = lambda: self.eager(self.ids, self.types)
         fns["torch.compile"] = lambda: self.compiled(self.ids, self.types)
         fns["floor"] = lambda: torch.index_select(self.weight.detach(), 0, self.ids.view(-1), out=self.gather_out)
@@ -126,6 +142,8 @@ class Contenders:
             return self.copy_fn("backward")
         if name == "floor":
             grad = self.grad_out.view(-1, self.problem.dim)
+            if self.dense_out is not None:
+                return lambda: (self.dense_out.zero_(), torch.mul(grad, self.scale, out=self.gather_out))
             return lambda: torch.mul(grad, self.scale, out=self.gather_out)
         out = forward()
         params = [t for t in (self.weight, self.segment_weight, self.position_weight) if t is not None]
@@ -136,7 +154,7 @@ class Contenders:
 
     def truth(self) -> torch.Tensor:
         table = None if self.position_table is None else (
-            sinusoidal_positions(self.problem.seq_len, self.problem.dim, dtype=torch.float64, device=self.problem.device)
+            sinusoidal_positions(self.problem.positions, self.problem.dim, dtype=torch.float64, device=self.problem.device)
             if self.problem.position == "sinusoidal" else self.position_table.double())
         return unfused_input_embedding(
             self.ids, self.weight.double(), scale=self.scale, position_table=table,
@@ -249,26 +267,57 @@ def machine_description(device: str) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
+    description = f"{cpu}, {torch.get_num_threads()} threads"
+    info = cpu_info()
+    if info is not None:
+        l1d, l2, l3 = (_size(b) for b in info.cache_bytes)
+        description += (f"; CPU kernels: {info.isa} (this CPU runs {', '.join(info.runnable)}); caches: L1d {l1d} and "
+                        f"L2 {l2} per core, L3 {l3}")
+    return description
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes >> 20} MiB" if nbytes >= 1 << 20 else f"{nbytes >> 10} KiB"
+
+
+# (batch, seq_len, past_length): a decode step, 64 decode steps at once, training batches, one long sequence
+SHAPES = ("1x1", "64x1+100", "8x512", "32x512", "1x8192")
+QUICK_SHAPES = ("1x1", "8x512")
+
+
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``BxT`` or ``BxT+P`` (P: past_length) as (batch, seq_len, past_length)."""
+    try:
+        sizes, _, past = text.partition("+")
+        batch, seq_len = (int(v) for v in sizes.split("x"))
+        shape = batch, seq_len, int(past or 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is BxT or BxT+P (P: past_length), got {text!r}") from None
+    if min(shape[:2]) < 1 or shape[2] < 0:
+        raise argparse.ArgumentTypeError(f"a shape needs batch, seq_len >= 1 and past_length >= 0, got {text!r}")
+    return shape
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m embedfast bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=DTYPES, nargs="+", default=["fp32", "bf16"])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", metavar="BxT[+P]",
+                        help=f"batch x seq_len [+ past_length] (default: {' '.join(SHAPES)}; --quick: "
+                             f"{' '.join(QUICK_SHAPES)})")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--segments", type=int, default=2)
     parser.add_argument("--position", choices=POSITION_ENCODINGS, default="sinusoidal")
     parser.add_argument("--backends", nargs="+", help="embedfast backends to time (default: every available one)")
     parser.add_argument("--direction", choices=["forward", "backward", "both"], default="both")
+    parser.add_argument("--grad", choices=["sparse", "dense"], nargs="+", default=["sparse", "dense"],
+                        help="token-table gradients to time the backward with (the forward is timed once)")
     parser.add_argument("--sweep", choices=["tokens", "dim"], help="time each contender over growing work")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG (needs matplotlib)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 8: a smoke run")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats: a smoke run")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per problem (default 20; 200 at <= 64 tokens)")
     return parser.parse_args(argv)
 
 
@@ -292,11 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.device.startswith("cuda"):
         _reexec_with_allocator_settings(argv[1:])
-    if args.quick:
-        args.batch = min(args.batch, 8)
-    repeats = args.repeats or (5 if args.quick else 20)
+    shapes = args.shapes or [parse_shape(s) for s in (QUICK_SHAPES if args.quick else SHAPES)]
     warmup = 2 if args.quick else 3
-    directions = ["forward", "backward"] if args.direction == "both" else [args.direction]
     backends = args.backends or available_backends(args.device)
     missing = [b for b in backends if b not in available_backends(args.device)]
     if missing:
@@ -310,16 +356,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"embedfast bench on {machine_description(args.device)}; torch {torch.__version__}; allocator: {allocator}")
     report = {"machine": machine_description(args.device), "torch": torch.__version__, "allocator": allocator, "runs": []}
     for dtype_name in args.dtype:
-        points = _sweep_points(args) if args.sweep else [(args.batch, args.dim)]
-        for batch, dim in points:
-            problem = Problem(args.device, DTYPES[dtype_name], batch, args.seq_len, dim, args.vocab, args.segments, args.position)
-            results = run(problem, backends, directions, warmup, repeats, progress)
-            print("\r" + " " * 72 + "\r", end="", file=sys.stderr)
-            print(f"\n{dtype_name}: batch {batch} x seq {args.seq_len} tokens, dim {dim}, vocab {args.vocab}, "
-                  f"{args.segments} segments, {args.position} positions; median of {repeats} runs")
-            print(format_table(problem, results))
-            report["runs"].append({"problem": {**dataclasses.asdict(problem), "dtype": dtype_name},
-                                   "results": [dataclasses.asdict(r) for r in results]})
+        for batch, seq_len, past_length, dim in _points(args, shapes):
+            for index, grad in enumerate(args.grad):
+                sparse = grad == "sparse"
+                directions = _directions(args.direction, timed_forward=index == 0)
+                if not directions:
+                    continue
+                problem = Problem(args.device, DTYPES[dtype_name], batch, seq_len, dim, args.vocab, args.segments,
+                                  args.position, past_length, sparse)
+                repeats = args.repeats or (5 if args.quick else 200 if problem.tokens <= 64 else 20)
+                results = run(problem, backends, directions, warmup, repeats, progress)
+                print("\r" + " " * 72 + "\r", end="", file=sys.stderr)
+                print(f"\n{dtype_name}: {problem.label()} tokens, dim {dim}, vocab {args.vocab}, {args.segments} segments, "
+                      f"{args.position} positions, {'sparse' if sparse else 'dense'} token gradient; median of {repeats} "
+                      "rounds")
+                print(format_table(problem, results))
+                report["runs"].append({"problem": {**dataclasses.asdict(problem), "dtype": dtype_name},
+                                       "results": [dataclasses.asdict(r) for r in results]})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -330,7 +383,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _sweep_points(args: argparse.Namespace) -> list[tuple[int, int]]:
+def _directions(direction: str, timed_forward: bool) -> list[str]:
+    """The directions of one gradient mode's problem: the forward only with the first mode (it is the same)."""
+    wanted = ["forward", "backward"] if direction == "both" else [direction]
+    return [d for d in wanted if d == "backward" or timed_forward]
+
+
+def _points(args: argparse.Namespace, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
+    """(batch, seq_len, past_length, dim) of each problem: the shapes, or a sweep over the first one."""
+    batch, seq_len, past_length = shapes[0]
     if args.sweep == "tokens":
-        return [(b, args.dim) for b in (1, 2, 4, 8, 16, 32) if b <= max(args.batch, 1)]
-    return [(args.batch, d) for d in (64, 128, 256, 512, 768, 1024) if d <= max(args.dim, 64)]
+        return [(b, seq_len, past_length, args.dim) for b in (1, 2, 4, 8, 16, 32) if b <= max(batch, 1)]
+    if args.sweep == "dim":
+        return [(batch, seq_len, past_length, d) for d in (64, 128, 256, 512, 768, 1024) if d <= max(args.dim, 64)]
+    return [(*shape, args.dim) for shape in shapes]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .backends import resolve_backend
-from .ops import fused_forward
-from .spec import ForwardInputs, GradientOptions, PositionMode, position_mode
+from .ops import call_forward
+from .spec import PositionMode, position_mode
 from .validation import (
     check_broadcastable,
     check_index_tensor,
@@ -75,39 +77,75 @@ def fused_input_embedding(
     Returns:
         ``(*input_ids.shape, embedding_dim)`` in the weight's dtype.
     """
-    check_index_tensor("input_ids", input_ids)
     check_table("weight", weight)
-    check_same_device("input_ids", input_ids, weight)
-    shape, dim = input_ids.shape, weight.shape[1]
+    if segment_weight is not None:
+        check_table("segment_weight", segment_weight, weight)
     check_nonnegative_int("past_length", past_length)
     check_nonnegative_int("position_offset", position_offset)
+    settings = resolve_settings(weight, position, position_weight, max_positions, sinusoid_layout, sinusoid_base, scale,
+                                padding_idx, sparse, check_bounds)
+    return embed(resolve_backend(backend, weight.device), settings, input_ids, weight.contiguous(),
+                 None if position_weight is None else position_weight.contiguous(),
+                 None if segment_weight is None else segment_weight.contiguous(), token_type_ids, position_ids, past_length,
+                 cu_seqlens, position_offset)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What the options of a call resolve to: the operator's constants, the same for every call of a module."""
+
+    position_mode: int
+    max_positions: int  # the bound positions are checked against (0: none)
+    scale: float
+    sinusoid_base: float
+    padding_idx: int
+    sparse: bool
+    check_bounds: bool
+
+
+def resolve_settings(weight: torch.Tensor, position: str, position_weight: torch.Tensor | None, max_positions: int | None,
+                     sinusoid_layout: str, sinusoid_base: float, scale: str | float | None, padding_idx: int | None,
+                     sparse: bool, check_bounds: bool) -> Settings:
+    """The options checked and resolved (see ``fused_input_embedding``)."""
     mode, bound = _position_mode(position, position_weight, max_positions, sinusoid_layout, weight)
+    return Settings(int(mode), bound, resolve_scale(scale, weight.shape[1]), float(sinusoid_base),
+                    normalize_padding_idx(padding_idx, weight.shape[0]), bool(sparse), bool(check_bounds))
+
+
+def embed(backend: str, settings: Settings, input_ids: torch.Tensor, weight: torch.Tensor,
+          position_weight: torch.Tensor | None, segment_weight: torch.Tensor | None, token_type_ids: torch.Tensor | None,
+          position_ids: torch.Tensor | None, past_length: int, cu_seqlens: torch.Tensor | None,
+          position_offset: int) -> torch.Tensor:
+    """The call itself, once the (contiguous) tables and settings are known good: what depends on the inputs is
+    shaped here and checked by the operator (``op_checks.py``, ``checks.h``); the module calls this directly."""
+    check_index_tensor("input_ids", input_ids)
+    check_same_device("input_ids", input_ids, weight)
+    if past_length or position_offset:  # (0 needs no check)
+        check_nonnegative_int("past_length", past_length)
+        check_nonnegative_int("position_offset", position_offset)
+    shape = input_ids.shape
     if position_ids is not None:
-        if mode == PositionMode.NONE:
+        if settings.position_mode == PositionMode.NONE:
             raise ValueError("position_ids were given, but position='none'")
         if position_offset or cu_seqlens is not None:
             raise ValueError("position_ids were given with position_offset or cu_seqlens: position_ids are the positions")
         position_ids = _flat_indices("position_ids", position_ids, shape, weight)
     if cu_seqlens is not None:
         cu_seqlens = _boundaries(cu_seqlens, past_length, weight)
-    if segment_weight is not None:
-        check_table("segment_weight", segment_weight, weight)
     if token_type_ids is not None:
         if segment_weight is None:
             raise ValueError("token_type_ids were given, but there is no segment table (num_segments=0)")
         token_type_ids = _flat_indices("token_type_ids", token_type_ids, shape, weight)
-
-    input_ids, position_ids, token_type_ids, cu_seqlens = _common_index_dtype(
-        input_ids.reshape(-1).contiguous(), position_ids, token_type_ids, cu_seqlens)
-    inputs = ForwardInputs(
-        input_ids=input_ids, weight=weight.contiguous(), position_ids=position_ids,
-        position_weight=None if position_weight is None else position_weight.contiguous(), token_type_ids=token_type_ids,
-        segment_weight=None if segment_weight is None else segment_weight.contiguous(), cu_seqlens=cu_seqlens,
-        scale=resolve_scale(scale, dim), position_mode=int(mode), sinusoid_base=float(sinusoid_base), max_positions=bound,
-        position_offset=past_length + position_offset, seq_len=shape[-1] if len(shape) > 0 else 1,
-        check_bounds=bool(check_bounds))
-    options = GradientOptions(padding_idx=normalize_padding_idx(padding_idx, weight.shape[0]), sparse=bool(sparse))
-    return fused_forward(resolve_backend(backend, weight.device), inputs, options).view(*shape, dim)
+    input_ids = input_ids.reshape(-1)
+    if position_ids is not None or token_type_ids is not None or cu_seqlens is not None:
+        input_ids, position_ids, token_type_ids, cu_seqlens = _common_index_dtype(
+            input_ids, position_ids, token_type_ids, cu_seqlens)
+    out = call_forward(
+        backend, input_ids.contiguous(), weight, position_ids, position_weight, token_type_ids, segment_weight, cu_seqlens,
+        settings.scale,
+        settings.position_mode, settings.sinusoid_base, settings.max_positions, past_length + position_offset,
+        shape[-1] if len(shape) > 0 else 1, settings.check_bounds, settings.padding_idx, settings.sparse)
+    return out.view(*shape, weight.shape[1])
 
 
 def _position_mode(position, position_weight, max_positions, sinusoid_layout, weight) -> tuple[PositionMode, int]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backends import check_backend_name
-from .functional import fused_input_embedding
+from .backends import check_backend_name, resolve_backend
+from .functional import Settings, embed, fused_input_embedding, resolve_settings
 from .validation import check_nonnegative_int, check_position_settings, check_positive_int, normalize_padding_idx, resolve_scale
 
 
@@ -81,6 +81,27 @@ class FusedInputEmbedding(nn.Module):
         self.position_weight = nn.Parameter(torch.empty(max_positions, embedding_dim, **factory)) if learned else None
         self.reset_parameters()
 
+    # the attributes a call's settings and backend come from: setting one makes the next call resolve them again
+    _PLAN_ATTRIBUTES = frozenset({"weight", "position_weight", "position", "max_positions", "sinusoid_layout",
+                                  "sinusoid_base", "embed_scale", "padding_idx", "sparse", "check_bounds", "backend"})
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._PLAN_ATTRIBUTES:
+            self.__dict__["_plan"] = None
+        super().__setattr__(name, value)
+
+    def _call_plan(self) -> tuple[torch.device, str, Settings]:
+        """(device, backend, settings) of the next call, resolved once and kept until an attribute they come from
+        changes or the tables move to another device: a decode step pays for none of it."""
+        plan = self.__dict__.get("_plan")
+        device = self.weight.device
+        if plan is None or plan[0] != device:
+            settings = resolve_settings(self.weight, self.position, self.position_weight, self.max_positions,
+                                        self.sinusoid_layout, self.sinusoid_base, self.embed_scale, self.padding_idx,
+                                        self.sparse, self.check_bounds)
+            plan = self.__dict__["_plan"] = (device, resolve_backend(self.backend, device), settings)
+        return plan
+
     def reset_parameters(self) -> None:
         """``nn.Embedding``'s initialisation: N(0, 1), the padding row zero."""
         for table in (self.weight, self.segment_weight, self.position_weight):
@@ -106,6 +127,10 @@ class FusedInputEmbedding(nn.Module):
         documents ``[0, l1, l1 + l2, ..., N]`` over the flattened tokens, each numbering its positions from
         ``position_offset`` (see ``fused_input_embedding``).
         """
+        if not torch.compiler.is_compiling():
+            _, backend, settings = self._call_plan()
+            return embed(backend, settings, input_ids, self.weight, self.position_weight, self.segment_weight,
+                         token_type_ids, position_ids, past_length, cu_seqlens, position_offset)
         return fused_input_embedding(
             input_ids,
             self.weight,

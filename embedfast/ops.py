@@ -63,25 +63,48 @@ def register_fake_and_autograd(backend: str) -> None:
 
 
 _FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+# backends whose eager entry takes (*ForwardInputs, *GradientOptions) and differentiates in reverse mode itself
+_EAGER_ENTRIES: dict[str, object] = {}
+
+
+def register_eager_entry(backend: str, entry) -> None:
+    """``entry(*inputs, *options)``: the forward, differentiable in reverse mode (the extension's C++ autograd)."""
+    _EAGER_ENTRIES[backend] = entry
 
 
 def fused_forward(backend: str, inputs: ForwardInputs, options: GradientOptions) -> torch.Tensor:
-    """The forward operator of a loaded backend, differentiable in every mode PyTorch has: reverse (also
-    twice), forward mode and ``torch.func`` (``grad``, ``jvp``, ``jacfwd``, ``jacrev``, ``vmap``).
+    """``call_forward`` with its arguments as the named tuples of ``spec.py``."""
+    return call_forward(backend, *inputs, *options)
 
-    Through the ``autograd.Function`` whenever a derivative may be asked for; otherwise (inference) the
+
+def call_forward(backend: str, *arguments) -> torch.Tensor:
+    """The forward operator of a loaded backend on ``(*ForwardInputs, *GradientOptions)``, differentiable in
+    every mode PyTorch has: reverse (also twice), forward mode and ``torch.func`` (``grad``, ``jvp``, ``jacfwd``,
+    ``jacrev``, ``vmap``).
+
+    Eagerly, a backend's own entry where it has one (the extension: its C++ autograd node, a few microseconds a
+    call); else the ``autograd.Function`` whenever a derivative may be asked for, otherwise (inference) the
     operator itself, which skips the Function's per-call cost (it binds its arguments by signature, ~0.1 ms).
+    Forward mode and ``torch.func`` always take the ``autograd.Function``.
     While ``torch.compile`` traces, ``differentiable_forward`` when a gradient is wanted (reverse mode; compiled
     graphs have no forward mode), else the operator itself (Inductor then sees the Triton kernels).
     """
-    tables = (inputs.weight, inputs.position_weight, inputs.segment_weight)
-    reverse_mode = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tables)
     if torch.compiler.is_compiling():
-        if reverse_mode:
-            return getattr(torch.ops.embedfast, f"differentiable_forward_{backend}")(*inputs, *options)
-    elif reverse_mode or torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
-        return _FUNCTIONS[backend].apply(*inputs, *options)
-    return getattr(torch.ops.embedfast, f"forward_{backend}")(*inputs)
+        if _reverse_mode(arguments):
+            return getattr(torch.ops.embedfast, f"differentiable_forward_{backend}")(*arguments)
+    elif torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        return _FUNCTIONS[backend].apply(*arguments)
+    elif backend in _EAGER_ENTRIES:
+        return _EAGER_ENTRIES[backend](*arguments)
+    elif _reverse_mode(arguments):
+        return _FUNCTIONS[backend].apply(*arguments)
+    return getattr(torch.ops.embedfast, f"forward_{backend}")(*arguments[:_NUM_FORWARD])
+
+
+def _reverse_mode(arguments: tuple) -> bool:
+    inputs = ForwardInputs(*arguments[:_NUM_FORWARD])
+    tables = (inputs.weight, inputs.position_weight, inputs.segment_weight)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tables)
 
 
 def _function(name: str, op, setup_context, backward, jvp=None, op_inputs: int | None = None) -> type[torch.autograd.Function]:

@@ -13,7 +13,8 @@ from embedfast import FusedInputEmbedding, available_backends, fused_input_embed
 
 def test_public_names():
     assert set(embedfast.__all__) == {"FusedInputEmbedding", "fused_input_embedding", "available_backends",
-                                      "sinusoidal_positions", "from_modules", "patch_model", "PatchReport"}
+                                      "sinusoidal_positions", "from_modules", "patch_model", "PatchReport", "cpu_info",
+                                      "CpuInfo"}
 
 
 def test_parameters_and_initialisation_follow_nn_embedding():
@@ -67,8 +68,8 @@ def test_unavailable_backend_fails_with_reason(monkeypatch):
 def test_environment_variable_overrides_auto(monkeypatch):
     calls = []
     monkeypatch.setenv("EMBEDFAST_BACKEND", "reference")
-    monkeypatch.setattr(embedfast.functional, "fused_forward",
-                        lambda backend, *inputs: calls.append(backend) or embedfast.ops.fused_forward(backend, *inputs))
+    monkeypatch.setattr(embedfast.functional, "call_forward",
+                        lambda backend, *inputs: calls.append(backend) or embedfast.ops.call_forward(backend, *inputs))
     FusedInputEmbedding(10, 4)(torch.tensor([1, 2]))
     assert calls == ["reference"]
     monkeypatch.setenv("EMBEDFAST_BACKEND", "nonsense")

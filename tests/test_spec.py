@@ -38,10 +38,11 @@ def _cpp_type(argument: spec.Argument) -> str:
 
 
 @pytest.mark.parametrize("kind, macro", [("forward", "EMBEDFAST_FORWARD_ARGUMENTS"),
-                                         ("backward", "EMBEDFAST_BACKWARD_ARGUMENTS")])
+                                         ("backward", "EMBEDFAST_BACKWARD_ARGUMENTS"),
+                                         ("gradient", "EMBEDFAST_GRADIENT_ARGUMENTS")])
 def test_operator_arguments_match(kind, macro):
     cpp = re.findall(r"X\(([^,]+), (\w+)\)", _macro(macro))
-    arguments, _ = spec.OPERATORS[kind]
+    arguments = spec._GRADIENT if kind == "gradient" else spec.OPERATORS[kind][0]
     assert cpp == [(_cpp_type(a), a.name) for a in arguments]
 
 

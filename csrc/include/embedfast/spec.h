@@ -82,6 +82,11 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == 
   X(int64_t, seq_len)                          \
   X(bool, check_bounds)
 
+// What only the derivative needs (spec.GradientOptions): the eager entry takes it after the forward's arguments.
+#define EMBEDFAST_GRADIENT_ARGUMENTS(X) \
+  X(int64_t, padding_idx)               \
+  X(bool, sparse)
+
 namespace detail {
 
 template <typename T>
@@ -162,6 +167,14 @@ void check_names(const c10::OperatorHandle& op, const char* const (&names)[kCoun
               "csrc/include/embedfast/spec.h differ: rebuild the extension from the same checkout");
 }
 
+inline c10::IValue to_ivalue(const at::Tensor& value) { return value; }
+inline c10::IValue to_ivalue(const std::optional<at::Tensor>& value) { return value; }
+inline c10::IValue to_ivalue(double value) { return value; }
+inline c10::IValue to_ivalue(int64_t value) { return value; }
+inline c10::IValue to_ivalue(bool value) { return value; }
+inline c10::IValue to_ivalue(PositionMode value) { return static_cast<int64_t>(value); }
+inline c10::IValue to_ivalue(TokenGrad value) { return static_cast<int64_t>(value); }
+
 inline void push(torch::jit::Stack& stack, at::Tensor result) { torch::jit::push(stack, std::move(result)); }
 
 inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor, at::Tensor> result) {
@@ -173,6 +186,7 @@ inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor, at
 #define EMBEDFAST_FIELD(type, name) type name;
 #define EMBEDFAST_NAME(type, name) #name,
 #define EMBEDFAST_UNPACK(type, name) args.name = detail::from_ivalue<type>(*(value++), #name);
+#define EMBEDFAST_PACK(type, name) stack.push_back(detail::to_ivalue(name));
 #define EMBEDFAST_ARGUMENTS_STRUCT(Struct, LIST)                                      \
   struct Struct {                                                                     \
     LIST(EMBEDFAST_FIELD)                                                             \
@@ -184,12 +198,20 @@ inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor, at
       LIST(EMBEDFAST_UNPACK)                                                          \
       return args;                                                                    \
     }                                                                                 \
+    /* the arguments as an operator's stack, in schema order */                       \
+    torch::jit::Stack pack() const {                                                  \
+      torch::jit::Stack stack;                                                        \
+      stack.reserve(kCount);                                                          \
+      LIST(EMBEDFAST_PACK)                                                            \
+      return stack;                                                                   \
+    }                                                                                 \
   };
 
 EMBEDFAST_ARGUMENTS_STRUCT(ForwardArgs, EMBEDFAST_FORWARD_ARGUMENTS)
 EMBEDFAST_ARGUMENTS_STRUCT(BackwardArgs, EMBEDFAST_BACKWARD_ARGUMENTS)
 #undef EMBEDFAST_ARGUMENTS_STRUCT
 #undef EMBEDFAST_UNPACK
+#undef EMBEDFAST_PACK
 #undef EMBEDFAST_NAME
 #undef EMBEDFAST_FIELD
 
