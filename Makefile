@@ -1,4 +1,5 @@
-# make test    -- create .venv from requirements.lock, build embedfast in place, run the test suite
+# make test    -- create .venv from requirements.lock, build embedfast in place, run the test suite (the
+#                 extension's tests again on each lower CPU instruction-set path the machine can run)
 # make bench   -- the same set-up, then the benchmark report (python -m embedfast bench)
 # make compat  -- core and drop-in tests against the oldest supported transformers and torch (compat/run)
 # make gpu-check OUT=DIR -- on a lent GPU machine, with its own python3: build, GPU tests, sanitizers, bench (gpu/check)
@@ -20,8 +21,15 @@ $(VENV)/.installed: requirements.lock setup.py pyproject.toml $(wildcard csrc/*.
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
+# the extension's tests again under each lower CPU path this machine can run (EMBEDFAST_CPU_ISA)
+LOWER_CPU_ISAS = $(PY) -c 'import embedfast; info = embedfast.cpu_info(); print(*(info.runnable[:-1] if info else []))'
+
 test: setup
 	$(PY) -m pytest tests
+	for isa in $$($(LOWER_CPU_ISAS)); do \
+	  echo "== the extension's tests on the $$isa CPU path"; \
+	  EMBEDFAST_CPU_ISA=$$isa $(PY) -m pytest -q -k "extension and not compile" tests || exit 1; \
+	done
 
 bench: setup
 	$(PY) -m embedfast bench

@@ -109,7 +109,7 @@ const CacheSizes& cache_sizes() {
   return sizes;
 }
 
-int64_t stream_min_bytes() { return cache_sizes().l2 * at::get_num_threads(); }
+int64_t stream_min_bytes() { return cache_sizes().l3 / 4; }
 
 namespace {
 

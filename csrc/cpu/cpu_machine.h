@@ -23,9 +23,9 @@ std::vector<CpuIsa> runnable_cpu_isas();
 std::string cpu_isa_name(CpuIsa isa);
 const CacheSizes& cache_sizes();
 
-// Outputs of at least this many bytes are written around the caches (non-temporal stores): more than the L2
-// of the threads that write them holds, they leave those caches before the next operator reads them, and
-// ordinary stores would first read every line (a third more memory traffic in the forward).
+// Outputs of at least this many bytes (a quarter of the L3) are written around the caches (non-temporal
+// stores): an output that size is evicted from the shared L3 before the next operator reads it, and ordinary
+// stores would first read every line (a third more memory traffic in the forward) and evict the rows reused.
 int64_t stream_min_bytes();
 
 }  // namespace embedfast
