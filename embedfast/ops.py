@@ -4,9 +4,10 @@ Every backend implements the same two operators under its own name, ``embedfast:
 ``embedfast::backward_<backend>`` (see ``spec.py`` for what they compute), so each backend can be picked
 explicitly on any device while the dispatcher still chooses CPU or CUDA code by tensor device.
 
-The forward operator is differentiated through ``fused_forward``, never by itself: what only the gradient needs
+The forward operator is differentiated through ``call_forward``, never by itself: what only the gradient needs
 (``padding_idx``, ``sparse``: ``spec.GradientOptions``) is not among its inputs. Eagerly an ``autograd.Function``
-carries them (every derivative mode); under ``torch.compile``, ``embedfast::differentiable_forward_<backend>``
+carries them (every derivative mode; the extension's C++ entry, ``csrc/eager.cpp``, does the same for reverse
+mode); under ``torch.compile``, ``embedfast::differentiable_forward_<backend>``
 (the forward's inputs, then the gradient options; Dynamo traces no sparse tensor inside a Function's backward,
 AOT autograd traces this operator's).
 """
@@ -36,7 +37,7 @@ def define_ops(backend: str) -> None:
 
 def register_fake_and_autograd(backend: str) -> None:
     """Shape functions and derivatives, the same for every backend: the ``autograd.Function``s and the
-    ``differentiable_forward`` operator that ``fused_forward`` calls, and reverse mode on the backward operator
+    ``differentiable_forward`` operator that ``call_forward`` calls, and reverse mode on the backward operator
     itself (double backward)."""
     torch.library.register_fake(op_name("forward", backend), _forward_fake)
     torch.library.register_fake(op_name("backward", backend), _backward_fake)
@@ -70,11 +71,6 @@ _EAGER_ENTRIES: dict[str, object] = {}
 def register_eager_entry(backend: str, entry) -> None:
     """``entry(*inputs, *options)``: the forward, differentiable in reverse mode (the extension's C++ autograd)."""
     _EAGER_ENTRIES[backend] = entry
-
-
-def fused_forward(backend: str, inputs: ForwardInputs, options: GradientOptions) -> torch.Tensor:
-    """``call_forward`` with its arguments as the named tuples of ``spec.py``."""
-    return call_forward(backend, *inputs, *options)
 
 
 def call_forward(backend: str, *arguments) -> torch.Tensor:
@@ -120,7 +116,7 @@ def _function(name: str, op, setup_context, backward, jvp=None, op_inputs: int |
 def _not_differentiable(backend: str):
     def backward(ctx, *grads):
         raise RuntimeError(f"torch.ops.embedfast.forward_{backend} is not differentiated by itself: call "
-                           "embedfast.fused_input_embedding (or embedfast.ops.fused_forward), which knows the gradient's "
+                           "embedfast.fused_input_embedding (or embedfast.ops.call_forward), which knows the gradient's "
                            "padding_idx and sparse layout")
     return backward
 

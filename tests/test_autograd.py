@@ -49,7 +49,7 @@ def _op_samples(device):
 
 
 def test_opcheck(backend, device):
-    """The forward operator is differentiated through ``ops.fused_forward``'s Function (the operator has no
+    """The forward operator is differentiated through ``ops.call_forward``'s Function (the operator has no
     padding_idx or sparse flag): checked here without gradients, and by every gradient test through the API."""
     for args in _op_samples(device):
         if not args.weight.requires_grad:

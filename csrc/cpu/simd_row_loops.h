@@ -1,6 +1,7 @@
 // The vector row loops, written once over a `Simd` of primitives. Each row_loops_<isa>.cpp defines its Simd
 // after `#pragma GCC target(...)` and then includes this file, so that the loops are compiled for that
-// instruction set in that file alone (internal linkage: no copy can stand in for another at link time).
+// instruction set in that file alone: the templates have internal linkage and the functions a namespace per
+// instruction set, so no copy built for one can stand in for another's at link time.
 //
 // Simd::Block holds Simd::kBlock columns as float32 vectors: float32 and float16 rows in natural order, bfloat16
 // rows in Simd's lane order, which SideRowLayout (row_loops.h) gives the side rows.
