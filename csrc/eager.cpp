@@ -51,6 +51,10 @@ struct FusedForward : public torch::autograd::Function<FusedForward> {
     ctx->saved_data["position_offset"] = args.position_offset;
     ctx->saved_data["seq_len"] = args.seq_len;
     ctx->saved_data["check_bounds"] = args.check_bounds;
+    ctx->saved_data["vocab_start"] = args.vocab_start;
+    ctx->saved_data["vocab_size"] = args.vocab_size;
+    ctx->saved_data["chunk_start"] = args.chunk_start;
+    ctx->saved_data["chunk_end"] = args.chunk_end;
     const auto or_undefined = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
     ctx->save_for_backward(
         {args.input_ids, or_undefined(args.position_ids), or_undefined(args.token_type_ids), or_undefined(args.cu_seqlens)});
@@ -69,8 +73,9 @@ struct FusedForward : public torch::autograd::Function<FusedForward> {
     const variable_list index_tensors = ctx->get_saved_variables();
     const at::Tensor& input_ids = index_tensors[0];
     const at::Tensor grad_out = grads[0].contiguous();
-    // sparse with padding: the rows kept are only known from the ids, so they are gathered here instead
-    const bool gather_rows = wants_weight && sparse && padding_idx >= 0;
+    const int64_t vocab_start = saved.at("vocab_start").toInt(), vocab_size = saved.at("vocab_size").toInt();
+    // sparse with padding or of a shard: the rows kept are only known from the ids, so they are gathered here instead
+    const bool gather_rows = wants_weight && sparse && (padding_idx >= 0 || vocab_size > 0);
     const TokenGrad token_grad = !wants_weight || gather_rows ? TokenGrad::kNone : sparse ? TokenGrad::kSparse : TokenGrad::kDense;
     const auto optional_tensor = [&](size_t i) {
       return index_tensors[i].defined() ? std::optional<at::Tensor>(index_tensors[i]) : std::optional<at::Tensor>();
@@ -90,13 +95,17 @@ struct FusedForward : public torch::autograd::Function<FusedForward> {
     args.position_offset = saved.at("position_offset").toInt();
     args.seq_len = saved.at("seq_len").toInt();
     args.check_bounds = saved.at("check_bounds").toBool();
+    args.vocab_start = vocab_start;
+    args.vocab_size = vocab_size;
+    args.chunk_start = saved.at("chunk_start").toInt();
+    args.chunk_end = saved.at("chunk_end").toInt();
     const torch::jit::Stack result = call("embedfast::backward_extension", args.pack(), c10::GradMode::is_enabled());
 
     at::Tensor weight_grad;
     if (gather_rows) {
-      const at::Tensor keep = input_ids.ne(padding_idx);
-      weight_grad = sparse_gradient(input_ids.index({keep}).to(at::kLong).unsqueeze(0),
-                                    grad_out.index({keep}).mul_(scale), num_embeddings);
+      const at::Tensor rows = input_ids.to(at::kLong) - vocab_start;
+      const at::Tensor keep = input_ids.ne(padding_idx).logical_and_(rows.ge(0)).logical_and_(rows.lt(num_embeddings));
+      weight_grad = sparse_gradient(rows.index({keep}).unsqueeze(0), grad_out.index({keep}).mul_(scale), num_embeddings);
     } else if (token_grad == TokenGrad::kSparse) {  // indices copied: the gradient must not change when ids are reused
       weight_grad = sparse_gradient(input_ids.to(at::kLong, false, /*copy=*/true).unsqueeze(0), result[0].toTensor(),
                                     num_embeddings);

@@ -101,6 +101,8 @@ class Settings:
     padding_idx: int
     sparse: bool
     check_bounds: bool
+    vocab_start: int = 0  # a vocabulary shard (embedfast.parallel): weight holds the ids [vocab_start, ...)
+    vocab_size: int = 0  # of a vocabulary of this many ids (0: weight is the whole vocabulary)
 
 
 def resolve_settings(weight: torch.Tensor, position: str, position_weight: torch.Tensor | None, max_positions: int | None,
@@ -115,9 +117,11 @@ def resolve_settings(weight: torch.Tensor, position: str, position_weight: torch
 def embed(backend: str, settings: Settings, input_ids: torch.Tensor, weight: torch.Tensor,
           position_weight: torch.Tensor | None, segment_weight: torch.Tensor | None, token_type_ids: torch.Tensor | None,
           position_ids: torch.Tensor | None, past_length: int, cu_seqlens: torch.Tensor | None,
-          position_offset: int) -> torch.Tensor:
+          position_offset: int, chunk: tuple[int, int] = (0, -1)) -> torch.Tensor:
     """The call itself, once the (contiguous) tables and settings are known good: what depends on the inputs is
-    shaped here and checked by the operator (``op_checks.py``, ``checks.h``); the module calls this directly."""
+    shaped here and checked by the operator (``op_checks.py``, ``checks.h``); the module calls this directly.
+    ``chunk``: the columns ``[start, end)`` of the last dim (-1: to its end) that get the position and segment
+    terms (``spec.py``)."""
     check_index_tensor("input_ids", input_ids)
     check_same_device("input_ids", input_ids, weight)
     if past_length or position_offset:  # (0 needs no check)
@@ -144,7 +148,8 @@ def embed(backend: str, settings: Settings, input_ids: torch.Tensor, weight: tor
         backend, input_ids.contiguous(), weight, position_ids, position_weight, token_type_ids, segment_weight, cu_seqlens,
         settings.scale,
         settings.position_mode, settings.sinusoid_base, settings.max_positions, past_length + position_offset,
-        shape[-1] if len(shape) > 0 else 1, settings.check_bounds, settings.padding_idx, settings.sparse)
+        shape[-1] if len(shape) > 0 else 1, settings.check_bounds, settings.vocab_start, settings.vocab_size, *chunk,
+        settings.padding_idx, settings.sparse)
     return out.view(*shape, weight.shape[1])
 
 

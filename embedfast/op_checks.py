@@ -131,6 +131,28 @@ def _check_documents(cu_seqlens: torch.Tensor, num_tokens: int, position_offset:
            f"range for max_positions={bound}")
 
 
+def check_shard(vocab_start: int, vocab_size: int, rows: int) -> int:
+    """A shard of ``rows`` rows starting at id ``vocab_start`` fits in a vocabulary of ``vocab_size`` ids (0: the
+    rows are the whole vocabulary); the bound ids are checked against."""
+    _check(vocab_start >= 0, ValueError, f"vocab_start must be >= 0, got {vocab_start}")
+    _check(vocab_size >= 0, ValueError, f"vocab_size must be >= 0 (0: the table is the whole vocabulary), got {vocab_size}")
+    if vocab_size == 0:
+        _check(vocab_start == 0, ValueError, f"vocab_start={vocab_start} needs vocab_size (the ids of the whole vocabulary)")
+        return rows
+    _check(vocab_start + rows <= vocab_size, ValueError,
+           f"the shard's rows [{vocab_start}, {vocab_start + rows}) do not fit in vocab_size={vocab_size}")
+    return vocab_size
+
+
+def check_chunk(chunk_start: int, chunk_end: int, seq_len: int) -> None:
+    """The sequence chunk ``[chunk_start, chunk_end)`` (-1: to seq_len) lies within ``[0, seq_len]``."""
+    if chunk_start == 0 and chunk_end == -1:
+        return
+    stop = seq_len if chunk_end == -1 else chunk_end
+    _check(seq_len > 0 and 0 <= chunk_start <= stop <= seq_len and chunk_end >= -1, ValueError,
+           f"the chunk [chunk_start, chunk_end) = [{chunk_start}, {chunk_end}) must lie in [0, seq_len={seq_len}]")
+
+
 def check_forward(inputs: ForwardInputs) -> PositionMode:
     """The forward's checks (those of ``check_forward_args`` in checks.h); the position mode."""
     weight, input_ids = inputs.weight, inputs.input_ids
@@ -148,8 +170,10 @@ def check_forward(inputs: ForwardInputs) -> PositionMode:
     _check_table("segment_weight", inputs.segment_weight, weight)
     _check(inputs.segment_weight is not None or inputs.token_type_ids is None, ValueError,
            "token_type_ids were given, but there is no segment table")
+    vocab_bound = check_shard(inputs.vocab_start, inputs.vocab_size, weight.shape[0])
+    check_chunk(inputs.chunk_start, inputs.chunk_end, inputs.seq_len)
     exact = exact_checks(inputs.check_bounds, input_ids)
-    check_index_range("input_ids", input_ids, weight.shape[0], exact)
+    check_index_range("input_ids", input_ids, vocab_bound, exact)
     if mode != PositionMode.NONE:
         bound = inputs.position_weight.shape[0] if mode == PositionMode.LEARNED else inputs.max_positions
         _check_position_source(inputs.position_ids, inputs.cu_seqlens, input_ids, weight, "weight",
@@ -173,9 +197,11 @@ def check_backward(inputs: BackwardInputs) -> TokenGrad:
            f"table sizes must be positive, got num_embeddings={inputs.num_embeddings}, num_positions="
            f"{inputs.num_positions}, num_segments={inputs.num_segments}")
     token_grad = TokenGrad(inputs.token_grad)
+    vocab_bound = check_shard(inputs.vocab_start, inputs.vocab_size, inputs.num_embeddings)
+    check_chunk(inputs.chunk_start, inputs.chunk_end, inputs.seq_len)
     exact = exact_checks(inputs.check_bounds, input_ids)
     if token_grad == TokenGrad.DENSE:
-        check_index_range("input_ids", input_ids, inputs.num_embeddings, exact)
+        check_index_range("input_ids", input_ids, vocab_bound, exact)
     if inputs.num_positions > 0:
         _check_position_source(inputs.position_ids, inputs.cu_seqlens, input_ids, grad_out, "grad_out",
                                inputs.position_offset, inputs.seq_len, inputs.num_positions, exact)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .positions import token_positions
+from .positions import chunk_tokens, token_positions
 from .reference import reference_backward, reference_forward
 from .spec import BackwardInputs, ForwardInputs, GradientOptions, PositionMode, TokenGrad, schema
 
@@ -141,7 +141,8 @@ def _setup_context(ctx, inputs, output):
     ctx.backward_inputs = BackwardInputs(
         grad_out=None, input_ids=None, num_embeddings=forward.weight.shape[0], padding_idx=options.padding_idx,
         scale=forward.scale, position_offset=forward.position_offset, seq_len=forward.seq_len,
-        check_bounds=forward.check_bounds,
+        check_bounds=forward.check_bounds, vocab_start=forward.vocab_start, vocab_size=forward.vocab_size,
+        chunk_start=forward.chunk_start, chunk_end=forward.chunk_end,
         num_positions=forward.position_weight.shape[0] if forward.position_weight is not None else 0,
         num_segments=forward.segment_weight.shape[0] if forward.segment_weight is not None else 0)
     ctx.sparse = options.sparse
@@ -168,15 +169,16 @@ def _backward(ctx, grad_out, backward_op, sparse_rows):
     input_ids = ctx.saved_tensors[0]
     wants = ForwardInputs(*ctx.needs_input_grad[:_NUM_FORWARD])
     inputs = _with_index_tensors(ctx.backward_inputs, ctx.saved_tensors)
-    # sparse with padding: the rows kept are only known from the ids, so sparse_rows gathers them instead
-    gather_rows = wants.weight and ctx.sparse and inputs.padding_idx >= 0
+    # sparse with padding or of a shard: the rows kept are only known from the ids, so sparse_rows gathers them instead
+    gather_rows = wants.weight and ctx.sparse and (inputs.padding_idx >= 0 or inputs.vocab_size > 0)
     token_grad = TokenGrad.NONE if not wants.weight or gather_rows else (TokenGrad.SPARSE if ctx.sparse else TokenGrad.DENSE)
     weight_grad, position_grad, segment_grad = backward_op(*inputs._replace(
         grad_out=grad_out.contiguous(), token_grad=int(token_grad),
         num_positions=inputs.num_positions if wants.position_weight else 0,
         num_segments=inputs.num_segments if wants.segment_weight else 0))
     if gather_rows:
-        indices, values = sparse_rows(input_ids, grad_out.contiguous(), inputs.padding_idx, inputs.scale)
+        indices, values = sparse_rows(input_ids, grad_out.contiguous(), inputs.padding_idx, inputs.scale,
+                                      inputs.vocab_start, inputs.num_embeddings)
         weight_grad = _sparse_coo(indices, values, inputs.num_embeddings)
     elif token_grad == TokenGrad.SPARSE:  # indices copied: the gradient must not change when the caller reuses its ids
         weight_grad = _sparse_coo(input_ids.to(torch.int64, copy=True).unsqueeze(0), weight_grad, inputs.num_embeddings)
@@ -235,18 +237,22 @@ def _backward_adjoint(ctx, token_cotangent, position_cotangent, segment_cotangen
     if inputs.token_grad == TokenGrad.SPARSE:
         grad = token_cotangent * inputs.scale
     elif inputs.token_grad == TokenGrad.DENSE:
-        keep = (ids != inputs.padding_idx).unsqueeze(-1)
-        grad = torch.where(keep, F.embedding(ids, token_cotangent), 0) * inputs.scale
+        rows, keep = _kept_rows(ids, inputs.padding_idx, inputs.vocab_start, inputs.num_embeddings)
+        grad = torch.where(keep.unsqueeze(-1), F.embedding(torch.where(keep, rows, 0), token_cotangent), 0) * inputs.scale
     else:
         grad = token_cotangent.new_zeros(ids.shape[0], token_cotangent.shape[1])
+    side = torch.zeros_like(grad)
     if inputs.num_positions > 0:
         positions = token_positions(inputs.position_ids, inputs.cu_seqlens, ids.shape[0], inputs.position_offset,
                                     inputs.seq_len, ids.device)
-        grad = grad + F.embedding(positions, position_cotangent)
+        side = side + F.embedding(positions, position_cotangent)
     if inputs.num_segments > 0:
         segments = inputs.token_type_ids.long() if inputs.token_type_ids is not None else torch.zeros_like(ids)
-        grad = grad + F.embedding(segments, segment_cotangent)
-    return (grad,) + (None,) * (_NUM_BACKWARD - 1)
+        side = side + F.embedding(segments, segment_cotangent)
+    in_chunk = chunk_tokens(ids.shape[0], inputs.seq_len, inputs.chunk_start, inputs.chunk_end, ids.device)
+    if in_chunk is not None:
+        side = torch.where(in_chunk.unsqueeze(-1), side, 0)
+    return (grad + side,) + (None,) * (_NUM_BACKWARD - 1)
 
 
 def _sparse_coo(indices, values, num_embeddings):
@@ -254,28 +260,36 @@ def _sparse_coo(indices, values, num_embeddings):
     return torch.sparse_coo_tensor(indices, values, (num_embeddings, values.shape[1]), check_invariants=False)
 
 
-torch.library.define("embedfast::sparse_rows", "(Tensor input_ids, Tensor grad_out, int padding_idx, float scale) -> (Tensor, Tensor)")
+torch.library.define("embedfast::sparse_rows", "(Tensor input_ids, Tensor grad_out, int padding_idx, float scale, "
+                                                "int vocab_start, int num_rows) -> (Tensor, Tensor)")
+
+
+def _kept_rows(input_ids, padding_idx, vocab_start, num_rows):
+    """Each token's row ``id - vocab_start`` and whether it gets one: not ``padding_idx``, in the shard."""
+    rows = input_ids.to(torch.int64) - vocab_start
+    return rows, (input_ids != padding_idx) & (rows >= 0) & (rows < num_rows)
 
 
 @torch.library.impl("embedfast::sparse_rows", "default")
-def _sparse_rows(input_ids, grad_out, padding_idx, scale):
-    """The tokens that are not ``padding_idx``: (1, M) int64 indices and ``scale`` times their grad rows,
-    gathered and scaled in place, so the only allocation is the (M, D) values."""
-    keep = input_ids != padding_idx
-    return input_ids[keep].to(torch.int64).unsqueeze(0), grad_out[keep].mul_(scale)
+def _sparse_rows(input_ids, grad_out, padding_idx, scale, vocab_start, num_rows):
+    """The tokens that get a row of the ``num_rows`` from id ``vocab_start`` (not ``padding_idx``): (1, M) int64
+    rows and ``scale`` times their grad rows, gathered and scaled in place, so the only allocation is the (M, D)
+    values."""
+    rows, keep = _kept_rows(input_ids, padding_idx, vocab_start, num_rows)
+    return rows[keep].unsqueeze(0), grad_out[keep].mul_(scale)
 
 
 def _setup_sparse_rows_context(ctx, inputs, output):
-    input_ids, grad_out, padding_idx, scale = inputs
+    input_ids, grad_out, padding_idx, scale, vocab_start, num_rows = inputs
     ctx.save_for_backward(input_ids)
-    ctx.padding_idx, ctx.scale = padding_idx, scale
+    ctx.padding_idx, ctx.scale, ctx.vocab_start, ctx.num_rows = padding_idx, scale, vocab_start, num_rows
 
 
 def _sparse_rows_adjoint(ctx, _indices_cotangent, values_cotangent):
     (input_ids,) = ctx.saved_tensors
-    keep = input_ids != ctx.padding_idx
+    _, keep = _kept_rows(input_ids, ctx.padding_idx, ctx.vocab_start, ctx.num_rows)
     grad = values_cotangent.new_zeros(input_ids.shape[0], values_cotangent.shape[1])
-    return None, grad.index_put((keep,), values_cotangent * ctx.scale), None, None
+    return None, grad.index_put((keep,), values_cotangent * ctx.scale), None, None, None, None
 
 
 # differentiable through this Function only: registered on the op, the autograd wrapper would make AOT dispatch
@@ -284,7 +298,7 @@ _SparseRows = _function("sparse_rows", torch.ops.embedfast.sparse_rows, _setup_s
 
 
 @torch.library.register_fake("embedfast::sparse_rows")
-def _sparse_rows_fake(input_ids, grad_out, padding_idx, scale):
+def _sparse_rows_fake(input_ids, grad_out, padding_idx, scale, vocab_start, num_rows):
     kept = torch.library.get_ctx().new_dynamic_size()
     return input_ids.new_empty((1, kept), dtype=torch.int64), grad_out.new_empty((kept, grad_out.shape[1]))
 

@@ -72,6 +72,18 @@ def token_positions(position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor 
     return position_offset + tokens % max(seq_len, 1)
 
 
+def chunk_tokens(num_tokens: int, seq_len: int, chunk_start: int, chunk_end: int,
+                 device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Which of ``num_tokens`` flattened tokens lie in the sequence chunk ``[chunk_start, chunk_end)`` (-1: to
+    ``seq_len``) of their column ``n % seq_len`` (a bool mask); None when the chunk is the whole sequence."""
+    seq_len = max(seq_len, 1)
+    stop = seq_len if chunk_end == -1 else chunk_end
+    if chunk_start == 0 and stop == seq_len:
+        return None
+    column = torch.arange(num_tokens, dtype=torch.int64, device=device) % seq_len
+    return (column >= chunk_start) & (column < stop)
+
+
 def padding_aware_position_ids(input_ids: torch.Tensor, padding_idx: int, past_length: int = 0) -> torch.Tensor:
     """fairseq / RoBERTa positions: non-padding tokens count from ``padding_idx + 1 + past_length``
     along the last dim, padding tokens keep ``padding_idx`` (``fairseq.utils.make_positions``)."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .op_checks import check_backward, check_forward
-from .positions import sinusoid_values, token_positions
+from .positions import chunk_tokens, sinusoid_values, token_positions
 from .spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad, compute_dtype
 
 
@@ -57,19 +57,38 @@ def reference_forward(*inputs) -> torch.Tensor:
         # one row per token: a table indexed by position could be huge for sparse, large positions
         position_table = sinusoid_values(positions, dim, mode.name.lower(), args.sinusoid_base).to(math_dtype)
         positions = torch.arange(num_tokens, device=input_ids.device)
-    token_type_ids = args.token_type_ids
-    if args.segment_weight is not None and token_type_ids is None:
-        token_type_ids = torch.zeros_like(input_ids)
+    segment_weight, token_type_ids = args.segment_weight, args.token_type_ids
+    if segment_weight is not None:
+        segment_weight = segment_weight.to(math_dtype)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+    token_table, token_rows = weight.to(math_dtype), input_ids
+    if args.vocab_size:  # a shard: ids of other shards take an appended zero row
+        token_rows = input_ids.long() - args.vocab_start
+        in_shard = (token_rows >= 0) & (token_rows < weight.shape[0])
+        token_table, token_rows = _zero_row_outside(token_table, token_rows, in_shard)
+    in_chunk = chunk_tokens(num_tokens, args.seq_len, args.chunk_start, args.chunk_end, input_ids.device)
+    if in_chunk is not None:  # tokens out of the chunk take an appended zero row of each side table
+        if position_table is not None:
+            position_table, positions = _zero_row_outside(position_table, positions, in_chunk)
+        if segment_weight is not None:
+            segment_weight, token_type_ids = _zero_row_outside(segment_weight, token_type_ids.long(), in_chunk)
     out = unfused_input_embedding(
-        input_ids,
-        weight.to(math_dtype),
+        token_rows,
+        token_table,
         scale=args.scale,
         position_table=position_table,
         position_ids=positions,
-        segment_weight=None if args.segment_weight is None else args.segment_weight.to(math_dtype),
+        segment_weight=segment_weight,
         token_type_ids=token_type_ids,
     )
     return out.to(weight.dtype)
+
+
+def _zero_row_outside(table: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``table`` with a zero row appended, and ``rows`` sent to it where not ``keep``."""
+    extended = torch.cat([table, table.new_zeros(1, table.shape[1])])
+    return extended, torch.where(keep, rows, table.shape[0])
 
 
 def reference_backward(*inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,17 +102,21 @@ def reference_backward(*inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     if token_grad == TokenGrad.SPARSE:
         weight_grad = (grad * args.scale).to(dtype)
     elif token_grad == TokenGrad.DENSE:
-        rows = ids != args.padding_idx
-        weight_grad = grad.new_zeros(args.num_embeddings, dim).index_add_(0, ids[rows], grad[rows] * args.scale).to(dtype)
+        rows = ids - args.vocab_start
+        keep = (ids != args.padding_idx) & (rows >= 0) & (rows < args.num_embeddings)
+        weight_grad = grad.new_zeros(args.num_embeddings, dim).index_add_(0, rows[keep], grad[keep] * args.scale).to(dtype)
     else:
         weight_grad = args.grad_out.new_empty(0, dim)
+    side = chunk_tokens(num_tokens, args.seq_len, args.chunk_start, args.chunk_end, grad.device)
+    if side is None:
+        side = slice(None)
     position_grad = grad.new_zeros(args.num_positions, dim)
     if args.num_positions > 0:
         positions = token_positions(args.position_ids, args.cu_seqlens, num_tokens, args.position_offset, args.seq_len,
                                     grad.device)
-        position_grad.index_add_(0, positions, grad)
+        position_grad.index_add_(0, positions[side], grad[side])
     segment_grad = grad.new_zeros(args.num_segments, dim)
     if args.num_segments > 0:
         segments = args.token_type_ids.long() if args.token_type_ids is not None else torch.zeros_like(ids)
-        segment_grad.index_add_(0, segments, grad)
+        segment_grad.index_add_(0, segments[side], grad[side])
     return weight_grad, position_grad.to(dtype), segment_grad.to(dtype)

@@ -16,11 +16,18 @@ forward: ``out[n] = weight[ids[n]] * scale + P[pos[n]] + segment_weight[seg[n]]`
   ``check_bounds``: index values are always checked against their tables; True: exactly, raising an
   IndexError that names the bad value (reads the ids back: a host synchronization on CUDA); False on CUDA:
   by a device-side assertion (no synchronization, CUDA-graph safe). CPU always checks exactly.
+  A vocabulary shard (tensor parallelism): ``weight`` holds the rows ``[vocab_start, vocab_start + rows)`` of a
+  vocabulary of ``vocab_size`` ids (0: weight is the whole vocabulary). ids are checked against the whole
+  vocabulary; a token whose id is outside the shard takes no token row (its token term is zero).
+  A sequence chunk: only tokens whose column ``n % seq_len`` lies in ``[chunk_start, chunk_end)`` (-1: seq_len)
+  get the position and segment terms.
 
 backward: one pass over grad_out returns (token_grad, position_grad, segment_grad):
   ``token_grad`` SPARSE: (N, D) values grad_out * scale; DENSE: (num_embeddings, D), the ``padding_idx`` row
   zero; NONE: (0, D). position_grad (num_positions, D) and segment_grad (num_segments, D): 0 rows when not
-  wanted.
+  wanted. With a vocabulary shard, num_embeddings is the shard's rows and DENSE sums only the tokens of the
+  shard into them (SPARSE values stay per token); with a sequence chunk, only the chunk's tokens reach the
+  position and segment gradients: the exact derivative of the forward with the same arguments.
 """
 
 from __future__ import annotations
@@ -105,6 +112,10 @@ _FORWARD = (
     Argument("position_offset", "int", 0),
     Argument("seq_len", "int", 1),
     Argument("check_bounds", "bool", True),
+    Argument("vocab_start", "int", 0),
+    Argument("vocab_size", "int", 0),
+    Argument("chunk_start", "int", 0),
+    Argument("chunk_end", "int", -1),
 )
 _BACKWARD = (
     Argument("grad_out", "Tensor"),
@@ -121,6 +132,10 @@ _BACKWARD = (
     Argument("position_offset", "int", 0),
     Argument("seq_len", "int", 1),
     Argument("check_bounds", "bool", True),
+    Argument("vocab_start", "int", 0),
+    Argument("vocab_size", "int", 0),
+    Argument("chunk_start", "int", 0),
+    Argument("chunk_end", "int", -1),
 )
 # what only the derivative needs: the autograd.Function takes it after the forward's inputs
 _GRADIENT = (Argument("padding_idx", "int", -1), Argument("sparse", "bool", False))

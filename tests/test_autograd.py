@@ -46,6 +46,10 @@ def _op_samples(device):
         yield ForwardInputs(ids.int(), weight, position_mode=PositionMode.INTERLEAVED, position_offset=3, seq_len=2)
         yield ForwardInputs(ids, weight, position_weight=positions, cu_seqlens=torch.tensor([0, 2, 2, 6], device=device),
                             position_mode=PositionMode.LEARNED, position_offset=1)
+        shard = weight.detach()[3:7].clone().requires_grad_(requires_grad)  # rows 3..6 of 9, the chunk [1, 2) of 3
+        yield ForwardInputs(ids, shard, position_weight=positions, token_type_ids=types, segment_weight=segments,
+                            position_mode=PositionMode.LEARNED, seq_len=3, vocab_start=3, vocab_size=9, chunk_start=1,
+                            chunk_end=2)
 
 
 def test_opcheck(backend, device):
@@ -64,13 +68,17 @@ def test_opcheck(backend, device):
                 torch.library.opcheck(backward, BackwardInputs(
                     grad, ids, 9, token_type_ids=types, cu_seqlens=cu_seqlens, token_grad=token_grad, padding_idx=2,
                     scale=2.0, num_positions=8, num_segments=2, position_offset=1, seq_len=3, check_bounds=check_bounds))
-    torch.library.opcheck(torch.ops.embedfast.sparse_rows, (ids, grad.detach(), int(ids[0]), 2.0))
+            torch.library.opcheck(backward, BackwardInputs(
+                grad, ids, 4, token_type_ids=types, token_grad=token_grad, padding_idx=2, num_positions=8, num_segments=2,
+                seq_len=3, vocab_start=3, vocab_size=9, chunk_start=1, chunk_end=2))
+    torch.library.opcheck(torch.ops.embedfast.sparse_rows, (ids, grad.detach(), int(ids[0]), 2.0, 0, 9))
+    torch.library.opcheck(torch.ops.embedfast.sparse_rows, (ids, grad.detach(), int(ids[0]), 2.0, 3, 4))
 
 
 def test_opcheck_of_the_compiled_path(backend, device):
     """``differentiable_forward``, what ``torch.compile`` traces: the forward with the gradient's options."""
     differentiable = getattr(torch.ops.embedfast, f"differentiable_forward_{backend}")
-    for args, options in zip(_op_samples(device), [GradientOptions(2, True), GradientOptions(-1, False)] * 4):
+    for args, options in zip(_op_samples(device), [GradientOptions(2, True), GradientOptions(-1, False)] * 5):
         torch.library.opcheck(differentiable, (*args, *options))
 
 

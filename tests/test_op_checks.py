@@ -51,6 +51,14 @@ BAD_FORWARD = {
     "packed-not-to-the-end": lambda a, d: a._replace(cu_seqlens=_packed(d, 0, 2, 5)),
     "packed-past-table": lambda a, d: a._replace(cu_seqlens=_packed(d, 0, 6), position_offset=1),
     "packed-dtype": lambda a, d: a._replace(cu_seqlens=_packed(d, 0, 6).int()),
+    "vocab-start-negative": lambda a, d: a._replace(vocab_start=-1, vocab_size=9),
+    "vocab-size-negative": lambda a, d: a._replace(vocab_size=-2),
+    "vocab-start-without-size": lambda a, d: a._replace(vocab_start=2),
+    "shard-past-vocabulary": lambda a, d: a._replace(vocab_start=3, vocab_size=7),
+    "id-past-vocabulary": lambda a, d: a._replace(input_ids=a.input_ids + 4, vocab_start=2, vocab_size=8),
+    "chunk-past-sequence": lambda a, d: a._replace(chunk_end=4),
+    "chunk-reversed": lambda a, d: a._replace(chunk_start=2, chunk_end=1),
+    "chunk-end-below-minus-one": lambda a, d: a._replace(chunk_end=-2),
 }
 BAD_BACKWARD = {
     "grad-rows": lambda a, d: a._replace(grad_out=a.grad_out[:5]),
@@ -62,6 +70,9 @@ BAD_BACKWARD = {
     "packed-not-to-the-end": lambda a, d: a._replace(cu_seqlens=_packed(d, 0, 2, 7)),
     "packed-past-table": lambda a, d: a._replace(cu_seqlens=_packed(d, 0, 6), position_offset=1),
     "token-type-too-large": lambda a, d: a._replace(token_type_ids=a.token_type_ids + 1),
+    "shard-past-vocabulary": lambda a, d: a._replace(vocab_start=2, vocab_size=6),
+    "dense-id-past-vocabulary": lambda a, d: a._replace(num_embeddings=2, vocab_start=1, vocab_size=4),
+    "chunk-past-sequence": lambda a, d: a._replace(chunk_start=1, chunk_end=5),
 }
 
 

@@ -85,9 +85,9 @@ void sum_rows_by_key(const scalar_t* grad, int64_t tokens, const SideRowLayout& 
 // the tile's position rows and a per-tile segment partial; the partials are then summed in tile order. Every
 // sum runs in an order fixed by the inputs alone (sequences in order within a tile).
 template <typename scalar_t, typename index_t>
-void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk& walk, const SideRowLayout& layout,
-                       double scale, int64_t offset, int64_t num_segments, scalar_t* values, bool stream,
-                       scalar_t* position_grad, int64_t num_positions, scalar_t* segment_grad) {
+void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk& walk, const Chunk& chunk,
+                       const SideRowLayout& layout, double scale, int64_t offset, int64_t num_segments, scalar_t* values,
+                       bool stream, scalar_t* position_grad, int64_t num_positions, scalar_t* segment_grad) {
   using acc_t = math_t<scalar_t>;
   const int64_t dim = layout.dim();
   const int64_t slots = std::max<int64_t>(num_segments, 1);  // sums of one offset: one per segment
@@ -102,8 +102,10 @@ void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk&
         const int64_t n0 = walk.first_token(unit);
         for (int64_t k = 0; k < walk.length(unit); ++k) {
           const int64_t n = n0 + k, segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
-          scale_or_accumulate_rows(values != nullptr ? values + n * dim : nullptr, sums.data() + (k * slots + segment) * dim,
-                                   grad + n * dim, static_cast<acc_t>(scale), dim, stream);
+          acc_t* sum = chunk.contains(n) ? sums.data() + (k * slots + segment) * dim : nullptr;
+          if (values == nullptr && sum == nullptr) continue;
+          scale_or_accumulate_rows(values != nullptr ? values + n * dim : nullptr, sum, grad + n * dim,
+                                   static_cast<acc_t>(scale), dim, stream);
         }
       }
       const int64_t first = tile * kTilePositions;
@@ -127,8 +129,9 @@ void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk&
 
 // One pass: sparse values, and per-block segment sums (blocks fixed by the token count alone).
 template <typename scalar_t, typename index_t>
-void values_and_segment_sums(const scalar_t* grad, const index_t* seg_ids, int64_t tokens, const SideRowLayout& layout,
-                             double scale, int64_t num_segments, scalar_t* values, bool stream, scalar_t* segment_grad) {
+void values_and_segment_sums(const scalar_t* grad, const index_t* seg_ids, int64_t tokens, const Chunk& chunk,
+                             const SideRowLayout& layout, double scale, int64_t num_segments, scalar_t* values, bool stream,
+                             scalar_t* segment_grad) {
   using acc_t = math_t<scalar_t>;
   const int64_t dim = layout.dim();
   const int64_t block = std::max(kMinTokensPerBlock, (tokens + kMaxBlocks - 1) / kMaxBlocks);
@@ -138,9 +141,10 @@ void values_and_segment_sums(const scalar_t* grad, const index_t* seg_ids, int64
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t n = b * block; n < std::min(tokens, (b + 1) * block); ++n) {
         const int64_t segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
-        scale_or_accumulate_rows(values != nullptr ? values + n * dim : nullptr,
-                                 num_segments > 0 ? partial.data() + (b * num_segments + segment) * dim : nullptr,
-                                 grad + n * dim, static_cast<acc_t>(scale), dim, stream);
+        acc_t* sum = num_segments > 0 && chunk.contains(n) ? partial.data() + (b * num_segments + segment) * dim : nullptr;
+        if (values == nullptr && sum == nullptr) continue;
+        scale_or_accumulate_rows(values != nullptr ? values + n * dim : nullptr, sum, grad + n * dim,
+                                 static_cast<acc_t>(scale), dim, stream);
       }
     }
     if (stream) end_streaming();
@@ -164,6 +168,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const BackwardArgs& 
     const PositionSource<index_t> source = position_source<index_t>(args);
     // token types are read only for a segment gradient: with a frozen segment table they index nothing
     const index_t* seg_ids = num_segments > 0 ? data_or_null<index_t>(args.token_type_ids) : nullptr;
+    const Shard shard = shard_of(args, args.num_embeddings);
+    const Chunk chunk = chunk_of(args);
     EMBEDFAST_DISPATCH_TABLE_TYPES(grad_out.scalar_type(), "embedfast_backward_cpu", [&] {
       const scalar_t* grad = grad_out.data_ptr<scalar_t>();
       scalar_t* values = sparse ? weight_grad.data_ptr<scalar_t>() : nullptr;
@@ -171,21 +177,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const BackwardArgs& 
       const bool default_positions = source.position_ids == nullptr && !source.packed();
       const bool by_tiles = num_positions > 0 && default_positions && tokens > 0 && num_segments <= kMaxTileSegments;
       if (by_tiles) {
-        backward_by_tiles(grad, seg_ids, Walk::over(tokens, source.seq_len, true), layout, args.scale, source.offset,
-                          num_segments, values, stream, position_grad.data_ptr<scalar_t>(), num_positions,
+        backward_by_tiles(grad, seg_ids, Walk::over(tokens, source.seq_len, true), chunk, layout, args.scale,
+                          source.offset, num_segments, values, stream, position_grad.data_ptr<scalar_t>(), num_positions,
                           segment_grad.data_ptr<scalar_t>());
       } else if (sparse || num_segments > 0) {
-        values_and_segment_sums(grad, seg_ids, tokens, layout, args.scale, num_segments, values, stream,
+        values_and_segment_sums(grad, seg_ids, tokens, chunk, layout, args.scale, num_segments, values, stream,
                                 segment_grad.data_ptr<scalar_t>());
       }
       if (dense) {
         const int64_t padding_idx = args.padding_idx;
         sum_rows_by_key(grad, tokens, layout, args.num_embeddings,
-                        [&](int64_t n) { return ids[n] == padding_idx ? int64_t(-1) : static_cast<int64_t>(ids[n]); },
+                        [&](int64_t n) {
+                          const int64_t id = static_cast<int64_t>(ids[n]);
+                          return id == padding_idx ? int64_t(-1) : shard.row(id);
+                        },
                         args.scale, weight_grad.data_ptr<scalar_t>());
       }
       if (num_positions > 0 && !by_tiles) {
-        sum_rows_by_key(grad, tokens, layout, num_positions, source, 1.0, position_grad.data_ptr<scalar_t>());
+        sum_rows_by_key(grad, tokens, layout, num_positions,
+                        [&](int64_t n) { return chunk.contains(n) ? source(n) : int64_t(-1); }, 1.0,
+                        position_grad.data_ptr<scalar_t>());
       }
     });
   });

@@ -112,11 +112,16 @@ at::Tensor forward_cpu(const ForwardArgs& args) {
         positions.rotate ? sinusoid_columns(layout, args.position_mode, args.sinusoid_base) : std::vector<SinusoidColumn>();
     const index_t* ids = args.input_ids.data_ptr<index_t>();
     const index_t* seg_ids = data_or_null<index_t>(args.token_type_ids);
+    const Shard shard = shard_of(args, args.weight.size(0));
+    const Chunk chunk = chunk_of(args);
     EMBEDFAST_DISPATCH_TABLE_TYPES(args.weight.scalar_type(), "embedfast_forward_cpu", [&] {
       using acc_t = math_t<scalar_t>;
       const scalar_t* table = args.weight.data_ptr<scalar_t>();
       const acc_t* position_table = positions.rotate ? nullptr : positions.table.data_ptr<acc_t>();
       const acc_t* segment_table = segments.data_ptr<acc_t>();
+      // the rows of tokens of another shard, and the side rows of tokens out of the chunk
+      const std::vector<scalar_t> zero_token_row(dim, scalar_t(0));
+      const std::vector<acc_t> zero_side_row(chunk.whole() ? 0 : dim, acc_t(0));
       scalar_t* output = out.data_ptr<scalar_t>();
       const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
       const bool stream = stream_output(out.nbytes());
@@ -152,14 +157,20 @@ at::Tensor forward_cpu(const ForwardArgs& args) {
             const int64_t n = n0 + i, ahead = i + kPrefetchRows;
             if (ahead < length || ahead - length < next_length) {
               const int64_t m = ahead < length ? n0 + ahead : next_n0 + ahead - length;
-              prefetch_row(table + static_cast<int64_t>(ids[m]) * dim, row_bytes);
+              const int64_t row = shard.row(static_cast<int64_t>(ids[m]));
+              if (row >= 0) prefetch_row(table + row * dim, row_bytes);
             }
-            const int64_t position = default_positions ? source.offset + first + i : source(n);
-            const acc_t* position_row = positions.rotate ? tile_rows.data() + i * dim
-                                                         : position_table + positions.row(n, position) * dim;
-            const int64_t segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
-            combine_rows(output + n * dim, table + static_cast<int64_t>(ids[n]) * dim, position_row,
-                         segment_table + segment * dim, static_cast<acc_t>(args.scale), dim, stream);
+            const int64_t row = shard.row(static_cast<int64_t>(ids[n]));
+            const scalar_t* token_row = row >= 0 ? table + row * dim : zero_token_row.data();
+            const acc_t* position_row = zero_side_row.data();
+            const acc_t* segment_row = zero_side_row.data();
+            if (chunk.whole() || chunk.contains(n)) {
+              const int64_t position = default_positions ? source.offset + first + i : source(n);
+              position_row = positions.rotate ? tile_rows.data() + i * dim : position_table + positions.row(n, position) * dim;
+              segment_row = segment_table + (seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0) * dim;
+            }
+            combine_rows(output + n * dim, token_row, position_row, segment_row, static_cast<acc_t>(args.scale), dim,
+                         stream);
           }
         }
         if (stream) end_streaming();

@@ -114,6 +114,29 @@ void check_position_source(const Args& args, const at::Tensor& like, const char*
   }
 }
 
+// A shard of `rows` rows from id vocab_start fits in a vocabulary of vocab_size ids (0: the rows are the whole
+// vocabulary); returns the bound ids are checked against.
+inline int64_t check_shard(int64_t vocab_start, int64_t vocab_size, int64_t rows) {
+  TORCH_CHECK_VALUE(vocab_start >= 0, "vocab_start must be >= 0, got ", vocab_start);
+  TORCH_CHECK_VALUE(vocab_size >= 0, "vocab_size must be >= 0 (0: the table is the whole vocabulary), got ", vocab_size);
+  if (vocab_size == 0) {
+    TORCH_CHECK_VALUE(vocab_start == 0, "vocab_start=", vocab_start, " needs vocab_size (the ids of the whole vocabulary)");
+    return rows;
+  }
+  TORCH_CHECK_VALUE(vocab_start + rows <= vocab_size, "the shard's rows [", vocab_start, ", ", vocab_start + rows,
+                    ") do not fit in vocab_size=", vocab_size);
+  return vocab_size;
+}
+
+// The sequence chunk [chunk_start, chunk_end) (-1: to seq_len) lies within [0, seq_len].
+inline void check_chunk(int64_t chunk_start, int64_t chunk_end, int64_t seq_len) {
+  if (chunk_start == 0 && chunk_end == -1) return;
+  const int64_t stop = chunk_end == -1 ? seq_len : chunk_end;
+  TORCH_CHECK_VALUE(seq_len > 0 && 0 <= chunk_start && chunk_start <= stop && stop <= seq_len && chunk_end >= -1,
+                    "the chunk [chunk_start, chunk_end) = [", chunk_start, ", ", chunk_end, ") must lie in [0, seq_len=",
+                    seq_len, "]");
+}
+
 }  // namespace detail
 
 // The forward's checks (check_forward in op_checks.py). `exact`: see detail::check_index_range.
@@ -130,7 +153,9 @@ inline void check_forward_args(const ForwardArgs& args, bool exact) {
   detail::check_table(args.segment_weight, "segment_weight", weight);
   TORCH_CHECK_VALUE(args.segment_weight.has_value() || !args.token_type_ids.has_value(),
                     "token_type_ids were given, but there is no segment table");
-  detail::check_index_range(args.input_ids, "input_ids", weight.size(0), exact);
+  const int64_t vocab_bound = detail::check_shard(args.vocab_start, args.vocab_size, weight.size(0));
+  detail::check_chunk(args.chunk_start, args.chunk_end, args.seq_len);
+  detail::check_index_range(args.input_ids, "input_ids", vocab_bound, exact);
   if (args.position_mode != PositionMode::kNone) {
     detail::check_position_source(args, weight, "weight", learned ? args.position_weight->size(0) : args.max_positions,
                                   exact);
@@ -151,8 +176,10 @@ inline void check_backward_args(const BackwardArgs& args, bool exact) {
   TORCH_CHECK_VALUE(args.num_embeddings > 0 && args.num_positions >= 0 && args.num_segments >= 0,
                     "table sizes must be positive, got num_embeddings=", args.num_embeddings,
                     ", num_positions=", args.num_positions, ", num_segments=", args.num_segments);
+  const int64_t vocab_bound = detail::check_shard(args.vocab_start, args.vocab_size, args.num_embeddings);
+  detail::check_chunk(args.chunk_start, args.chunk_end, args.seq_len);
   if (args.token_grad == TokenGrad::kDense) {
-    detail::check_index_range(args.input_ids, "input_ids", args.num_embeddings, exact);
+    detail::check_index_range(args.input_ids, "input_ids", vocab_bound, exact);
   }
   if (args.num_positions > 0) detail::check_position_source(args, grad_out, "grad_out", args.num_positions, exact);
   if (args.num_segments > 0 && args.token_type_ids.has_value()) {

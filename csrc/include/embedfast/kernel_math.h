@@ -80,6 +80,44 @@ C10_HOST_DEVICE inline int64_t document_start(const index_t* cu_seqlens, int64_t
   return static_cast<int64_t>(cu_seqlens[lo]);
 }
 
+// A vocabulary shard (spec.py): table row r holds id start + r, for r < rows.
+struct Shard {
+  int64_t start;
+  int64_t rows;
+
+  // id's row in the table, or -1 when the id is another shard's
+  C10_HOST_DEVICE int64_t row(int64_t id) const {
+    const int64_t r = id - start;
+    return r >= 0 && r < rows ? r : -1;
+  }
+};
+
+// A sequence chunk (spec.py): the tokens n whose column n % seq_len lies in [start, stop) get the position and
+// segment terms.
+struct Chunk {
+  int64_t start;
+  int64_t stop;
+  int64_t seq_len;
+
+  C10_HOST_DEVICE bool whole() const { return start == 0 && stop == seq_len; }
+  C10_HOST_DEVICE bool contains(int64_t n) const {
+    const int64_t column = n % seq_len;
+    return column >= start && column < stop;
+  }
+};
+
+// The shard and the chunk of an operator's arguments; `rows`: the table's rows (weight's, or num_embeddings).
+template <typename Args>
+Shard shard_of(const Args& args, int64_t rows) {
+  return {args.vocab_start, rows};
+}
+
+template <typename Args>
+Chunk chunk_of(const Args& args) {
+  const int64_t seq_len = std::max<int64_t>(args.seq_len, 1);
+  return {args.chunk_start, args.chunk_end == -1 ? seq_len : args.chunk_end, seq_len};
+}
+
 // The position source as one value, for the CPU kernels.
 template <typename index_t>
 struct PositionSource {

@@ -64,7 +64,11 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == 
   X(int64_t, max_positions)                    \
   X(int64_t, position_offset)                  \
   X(int64_t, seq_len)                          \
-  X(bool, check_bounds)
+  X(bool, check_bounds)                        \
+  X(int64_t, vocab_start)                      \
+  X(int64_t, vocab_size)                       \
+  X(int64_t, chunk_start)                      \
+  X(int64_t, chunk_end)
 
 #define EMBEDFAST_BACKWARD_ARGUMENTS(X)        \
   X(at::Tensor, grad_out)                      \
@@ -80,7 +84,11 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == 
   X(int64_t, num_segments)                     \
   X(int64_t, position_offset)                  \
   X(int64_t, seq_len)                          \
-  X(bool, check_bounds)
+  X(bool, check_bounds)                        \
+  X(int64_t, vocab_start)                      \
+  X(int64_t, vocab_size)                       \
+  X(int64_t, chunk_start)                      \
+  X(int64_t, chunk_end)
 
 // What only the derivative needs (spec.GradientOptions): the eager entry takes it after the forward's arguments.
 #define EMBEDFAST_GRADIENT_ARGUMENTS(X) \
