@@ -1,0 +1,130 @@
+"""VocabParallelInputEmbedding on real gloo process groups (2 and 3 ranks on loopback): the forward and every
+gradient against the single-process module, on every backend, with and without sequence parallelism."""
+
+import dataclasses
+import itertools
+import zlib
+
+import pytest
+import torch
+
+import embedfast
+from distributed import run_workers
+from embedfast.parallel import VocabParallelInputEmbedding, vocab_shard
+
+VOCAB, DIM, BATCH, SEQ_LEN = 37, 12, 2, 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    position: str
+    segments: int
+    padding_idx: int | None
+    sparse: bool
+    sequence_parallel: bool
+    backend: str = "reference"
+
+    def module(self) -> embedfast.FusedInputEmbedding:
+        torch.manual_seed(0)  # the same module on every rank
+        return embedfast.FusedInputEmbedding(VOCAB, DIM, padding_idx=self.padding_idx, num_segments=self.segments,
+                                             position=self.position, max_positions=SEQ_LEN + 3, sparse=self.sparse,
+                                             backend=self.backend)
+
+    def inputs(self) -> tuple[dict, torch.Tensor]:
+        generator = torch.Generator().manual_seed(zlib.crc32(repr(self).encode()))  # the same in every process
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=generator)
+        if self.padding_idx is not None:
+            ids[0, ::2] = self.padding_idx
+        kwargs = {"input_ids": ids, "past_length": 2 if self.position != "learned" else 1}
+        if self.segments:
+            kwargs["token_type_ids"] = torch.randint(0, self.segments, (BATCH, SEQ_LEN), generator=generator)
+        return kwargs, torch.randn(BATCH, SEQ_LEN, DIM, generator=generator)
+
+
+def _available_backends():
+    return [b for b in embedfast.backends.BACKENDS if embedfast.backends.unavailable_reason(b, torch.device("cpu")) is None]
+
+
+CONFIGS = [Config(position, segments, padding, sparse, sequence_parallel, backend)
+           for backend in _available_backends()
+           for (position, segments, padding), sparse, sequence_parallel in itertools.product(
+               [("learned", 2, 0), ("sinusoidal", 3, None), ("none", 0, 4)], (True, False), (False, True))]
+
+
+def _gradients(module) -> dict:
+    grads = {}
+    for name in ("weight", "position_weight", "segment_weight"):
+        table = getattr(module, name)
+        if table is not None:
+            grads[name] = table.grad.coalesce().to_dense() if table.grad.is_sparse else table.grad
+    return grads
+
+
+def _shard_worker(rank: int, world_size: int, configs: list) -> list:
+    """Every config on this rank: the vocab range, the output, the gradients (sparse ones made dense, local rows)."""
+    results = []
+    for config in configs:
+        parallel = VocabParallelInputEmbedding.from_module(config.module(), sequence_parallel=config.sequence_parallel)
+        kwargs, grad_out = config.inputs()
+        out = parallel(**kwargs)
+        if config.sequence_parallel:
+            grad_out = grad_out.chunk(world_size, dim=1)[rank]
+        out.backward(grad_out)
+        sparse = parallel.weight.grad.is_sparse
+        results.append({"vocab_range": parallel.vocab_range, "out": out.detach(), "sparse": sparse,
+                        "indices_in_range": bool(((parallel.weight.grad.coalesce().indices() >= 0) &
+                                                  (parallel.weight.grad.coalesce().indices() < parallel.weight.shape[0])).all())
+                        if sparse else True, **_gradients(parallel)})
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_forward_and_gradients_match_the_single_process_module(world_size):
+    per_rank = run_workers(_shard_worker, world_size, CONFIGS)
+    for i, config in enumerate(CONFIGS):
+        module = config.module()
+        kwargs, grad_out = config.inputs()
+        expected = module(**kwargs)
+        expected.backward(grad_out)
+        whole = _gradients(module)
+        for rank in range(world_size):
+            got = per_rank[rank][i]
+            what = f"{config}, rank {rank} of {world_size}"
+            start, end = got["vocab_range"]
+            assert (start, end) == vocab_shard(VOCAB, world_size, rank)
+            want_out = expected.chunk(world_size, dim=1)[rank] if config.sequence_parallel else expected
+            torch.testing.assert_close(got["out"], want_out.detach(), msg=lambda m: f"{what}: forward: {m}")
+            assert got["sparse"] == config.sparse and got["indices_in_range"], what
+            torch.testing.assert_close(got["weight"], whole["weight"][start:end], msg=lambda m: f"{what}: weight: {m}")
+            for name in ("position_weight", "segment_weight"):
+                assert (name in got) == (name in whole), what
+                if name in whole:  # replicated tables: the whole module's gradient on every rank
+                    torch.testing.assert_close(got[name], whole[name], msg=lambda m: f"{what}: {name}: {m}")
+
+
+def _errors_worker(rank: int, world_size: int) -> list:
+    module = embedfast.FusedInputEmbedding(VOCAB, DIM, backend="reference")
+    errors = []
+    parallel = VocabParallelInputEmbedding.from_module(module, sequence_parallel=True)
+    for call in (lambda: parallel(torch.zeros(2, 5, dtype=torch.long)),
+                 lambda: parallel(torch.full((2, 4), VOCAB, dtype=torch.long)),
+                 lambda: VocabParallelInputEmbedding.from_module(embedfast.FusedInputEmbedding(1, DIM))):
+        try:
+            call()
+            errors.append(None)
+        except Exception as error:  # noqa: BLE001 (the parent checks which)
+            errors.append((type(error).__name__, str(error).splitlines()[0]))
+    return errors
+
+
+def test_bad_input_raises_on_every_rank():
+    for errors in run_workers(_errors_worker, 2):
+        assert errors[0] == ("ValueError", "sequence_parallel needs the sequence length T=5 to be divisible by the "
+                                           "world size 2")
+        assert errors[1][0] == "IndexError" and f"input_ids contains {VOCAB}, out of range" in errors[1][1]
+        assert errors[2] == ("ValueError", "num_embeddings=1 is smaller than the world size 2: a rank would keep no rows")
+
+
+def test_needs_a_process_group():
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        VocabParallelInputEmbedding.from_module(embedfast.FusedInputEmbedding(VOCAB, DIM))
