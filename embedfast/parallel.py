@@ -64,6 +64,7 @@ class VocabParallelInputEmbedding(nn.Module):
         self.num_embeddings = module.num_embeddings
         self.embedding_dim = module.embedding_dim
         self.padding_idx = module.padding_idx
+        self.sparse = module.sparse
         self.vocab_range = vocab_shard(module.num_embeddings, self.world_size, self.rank)
         self.backend = module.backend
         settings = resolve_settings(module.weight, module.position, module.position_weight, module.max_positions,
@@ -173,7 +174,8 @@ class _ReduceGradient(torch.autograd.Function):
 
 def distributed_data_parallel(model: nn.Module, **kwargs) -> DistributedDataParallel:
     """``DistributedDataParallel(model, **kwargs)`` that also averages the sparse token gradients of the model's
-    ``FusedInputEmbedding(sparse=True)`` modules over the ranks, as DDP does for ``nn.Embedding(sparse=True)``.
+    ``FusedInputEmbedding`` and ``VocabParallelInputEmbedding`` modules with ``sparse=True`` over the ranks of its
+    process group, as DDP does for ``nn.Embedding(sparse=True)``.
 
     DDP expects a sparse gradient only from ``nn.Embedding`` and ``nn.EmbeddingBag`` (it decides by module type), so
     plain ``DistributedDataParallel(model)`` fails in backward on any other module's sparse gradient ("Cannot
@@ -184,12 +186,15 @@ def distributed_data_parallel(model: nn.Module, **kwargs) -> DistributedDataPara
     Every other parameter, the dense position and segment tables included, is DDP's as usual.
     """
     sparse_tables = {f"{name}.weight" if name else "weight": module.weight for name, module in model.named_modules()
-                     if isinstance(module, FusedInputEmbedding) and module.sparse and module.weight.requires_grad}
+                     if isinstance(module, (FusedInputEmbedding, VocabParallelInputEmbedding)) and module.sparse
+                     and module.weight.requires_grad}
     group = kwargs.get("process_group") or dist.group.WORLD
     if sparse_tables and dist.get_backend(group) == "nccl":
         raise ValueError(f"the token tables {sorted(sparse_tables)} have sparse gradients (sparse=True), which NCCL "
                          "cannot all-reduce: build them with sparse=False, or use a gloo process group")
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(sparse_tables)
+    if "weight" in sparse_tables:  # DDP names the root module's own parameters ".weight" in one place, "weight" in another
+        ignored.add(".weight")
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored))
     ddp = DistributedDataParallel(model, **kwargs)
     world_size = dist.get_world_size(group)
