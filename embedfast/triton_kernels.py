@@ -16,7 +16,8 @@ Kernels:
   ``_packed_position_sum_kernel``  position gradients of packed documents: one program per position
                             row sums that offset of every document, in document order.
 Packed documents (``cu_seqlens``) find their positions in the kernels, by binary search over the
-boundaries.
+boundaries. A vocabulary shard and a sequence chunk (spec.py) are masked loads in the forward; in the
+backward, the tokens they leave out are skipped keys (or masked segment loads) of the sums.
 Every reduction has a fixed order, so gradients are bitwise reproducible; no float atomics.
 """
 
@@ -32,7 +33,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import ops
 from .op_checks import check_backward, check_forward
-from .positions import sinusoid_frequencies, token_positions
+from .positions import chunk_tokens, sinusoid_frequencies, token_positions
 from .spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad, compute_dtype, schema
 
 _NONE = tl.constexpr(PositionMode.NONE.value)
@@ -100,10 +101,12 @@ def _document_start(cu_seqlens_ptr, tokens, num_documents, SEARCH_STEPS: tl.cons
 @triton.jit
 def _forward_kernel(
     ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr, turns_ptr, phase_ptr, token_types_ptr, segment_ptr,
-    cu_seqlens_ptr, out_ptr, num_tokens, dim, scale: tl.float64, position_offset, seq_len, num_documents,
+    cu_seqlens_ptr, out_ptr, num_tokens, dim, scale: tl.float64, position_offset, num_documents, vocab_start, num_rows,
+    seq_len, chunk_start, chunk_stop,
     POSITION: tl.constexpr,  # a PositionMode; both sinusoid layouts read the turns/phase tables
     HAS_POSITION_IDS: tl.constexpr, PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-    HAS_TOKEN_TYPES: tl.constexpr, FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_TOKEN_TYPES: tl.constexpr, SHARDED: tl.constexpr, CHUNKED: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -113,17 +116,26 @@ def _forward_kernel(
     math_type = tl.float64 if FP64 else tl.float32
 
     ids = tl.load(ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
-    acc = tl.load(weight_ptr + ids[:, None] * dim + cols[None, :], mask=mask, other=0).to(math_type) * tl.cast(scale, math_type)
+    row_mask = mask
+    if SHARDED:
+        ids -= vocab_start
+        row_mask &= ((ids >= 0) & (ids < num_rows))[:, None]
+    acc = tl.load(weight_ptr + ids[:, None] * dim + cols[None, :], mask=row_mask, other=0).to(math_type) * tl.cast(scale, math_type)
+    side_tokens, side_mask = token_mask, mask  # the tokens that take the position and segment terms
+    if CHUNKED:
+        column = tokens % seq_len
+        side_tokens &= (column >= chunk_start) & (column < chunk_stop)
+        side_mask = side_tokens[:, None] & col_mask[None, :]
     if POSITION != _NONE:
         if HAS_POSITION_IDS:
-            positions = tl.load(position_ids_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+            positions = tl.load(position_ids_ptr + tokens, mask=side_tokens, other=0).to(tl.int64)
         elif PACKED:
             positions = position_offset + tokens - _document_start(cu_seqlens_ptr, tokens, num_documents, SEARCH_STEPS)
         else:
             positions = position_offset + tokens % seq_len
         if POSITION == _LEARNED:
             rows = position_weight_ptr + positions[:, None] * dim + cols[None, :]
-            acc += tl.load(rows, mask=mask, other=0).to(math_type)
+            acc += tl.load(rows, mask=side_mask, other=0).to(math_type)
         else:
             # the angle in turns, reduced to [-1/2, 1/2] in float64 before the sine: a float32
             # product p * w is already off by ~1e-3 rad at p = 16384
@@ -132,23 +144,27 @@ def _forward_kernel(
             turns = positions.to(tl.float64)[:, None] * turns_per_position[None, :] + phase[None, :]
             turns -= (turns + 0.5).to(tl.int64).to(tl.float64)  # turns >= 0: truncation rounds
             if FP64:
-                acc += tl.sin(turns * tl.full((), 6.283185307179586, tl.float64))
+                sine = tl.sin(turns * tl.full((), 6.283185307179586, tl.float64))
             else:
-                acc += _sin_of_turns(turns)
+                sine = _sin_of_turns(turns)
+            if CHUNKED:
+                sine = tl.where(side_mask, sine, 0)
+            acc += sine
     if HAS_SEGMENTS:
         if HAS_TOKEN_TYPES:
-            segments = tl.load(token_types_ptr + tokens, mask=token_mask, other=0).to(tl.int64)
+            segments = tl.load(token_types_ptr + tokens, mask=side_tokens, other=0).to(tl.int64)
         else:
             segments = tl.zeros([BLOCK_T], dtype=tl.int64)
-        acc += tl.load(segment_ptr + segments[:, None] * dim + cols[None, :], mask=mask, other=0).to(math_type)
+        acc += tl.load(segment_ptr + segments[:, None] * dim + cols[None, :], mask=side_mask, other=0).to(math_type)
     tl.store(out_ptr + tokens[:, None] * dim + cols[None, :], _storage_value(acc, out_ptr), mask=mask)
 
 
 @triton.jit
 def _grad_rows_kernel(
     grad_ptr, values_ptr, token_types_ptr, partials_ptr, num_tokens, dim, scale: tl.float64, num_segments,
-    WRITE_VALUES: tl.constexpr, SEGMENT_PARTIALS: tl.constexpr, HAS_TOKEN_TYPES: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    seq_len, chunk_start, chunk_stop,
+    WRITE_VALUES: tl.constexpr, SEGMENT_PARTIALS: tl.constexpr, HAS_TOKEN_TYPES: tl.constexpr, CHUNKED: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     block = tl.program_id(0)
     tokens = block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -163,10 +179,14 @@ def _grad_rows_kernel(
     if WRITE_VALUES:
         tl.store(values_ptr + offsets, _storage_value(grad * tl.cast(scale, math_type), values_ptr), mask=mask)
     if SEGMENT_PARTIALS:
+        segment_tokens = token_mask
+        if CHUNKED:
+            column = tokens % seq_len
+            segment_tokens &= (column >= chunk_start) & (column < chunk_stop)
         if HAS_TOKEN_TYPES:
-            segments = tl.load(token_types_ptr + tokens, mask=token_mask, other=-1)
+            segments = tl.load(token_types_ptr + tokens, mask=segment_tokens, other=-1)
         else:
-            segments = tl.where(token_mask, 0, -1)
+            segments = tl.where(segment_tokens, 0, -1)
         for segment in range(num_segments):
             partial = tl.sum(tl.where((segments == segment)[:, None], grad, 0), axis=0)
             tl.store(partials_ptr + (block.to(tl.int64) * num_segments + segment) * dim + cols, partial, mask=col_mask)
@@ -191,8 +211,9 @@ def _sorted_sum_kernel(
 
 
 @triton.jit
-def _packed_position_sum_kernel(grad_ptr, cu_seqlens_ptr, out_ptr, num_documents, dim, position_offset,
-                                FP64: tl.constexpr, BLOCK_D: tl.constexpr):
+def _packed_position_sum_kernel(grad_ptr, cu_seqlens_ptr, out_ptr, num_documents, dim, position_offset, seq_len,
+                                chunk_start, chunk_stop, CHUNKED: tl.constexpr, FP64: tl.constexpr,
+                                BLOCK_D: tl.constexpr):
     position = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_mask = cols < dim
@@ -201,7 +222,10 @@ def _packed_position_sum_kernel(grad_ptr, cu_seqlens_ptr, out_ptr, num_documents
     if offset >= 0:
         for document in range(num_documents):
             token = tl.load(cu_seqlens_ptr + document).to(tl.int64) + offset
-            if token < tl.load(cu_seqlens_ptr + document + 1).to(tl.int64):
+            use = token < tl.load(cu_seqlens_ptr + document + 1).to(tl.int64)
+            if CHUNKED:
+                use &= (token % seq_len >= chunk_start) & (token % seq_len < chunk_stop)
+            if use:
                 acc += tl.load(grad_ptr + token * dim + cols, mask=col_mask, other=0).to(acc.dtype)
     tl.store(out_ptr + position * dim + cols, _storage_value(acc, out_ptr), mask=col_mask)
 
@@ -214,6 +238,15 @@ def _sinusoid_turns(dim: int, layout: str, base: float, device: torch.device) ->
 
 def _fp64_math(table: torch.Tensor) -> bool:
     return compute_dtype(table.dtype) == torch.float64
+
+
+def _chunk_args(args) -> dict:
+    """The kernels' ``seq_len``, ``chunk_start``, ``chunk_stop`` and ``CHUNKED`` (not the whole sequence) for forward
+    or backward inputs."""
+    seq_len = max(args.seq_len, 1)
+    stop = seq_len if args.chunk_end == -1 else args.chunk_end
+    return dict(seq_len=seq_len, chunk_start=args.chunk_start, chunk_stop=stop,
+                CHUNKED=(args.chunk_start, stop) != (0, seq_len))
 
 
 INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
@@ -250,16 +283,18 @@ def forward_triton(*inputs):
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
     _launchable(_forward_kernel)[grid](
         args.input_ids, args.weight, args.position_ids, args.position_weight, turns, phase, args.token_type_ids,
-        args.segment_weight, args.cu_seqlens, out, num_tokens, dim, args.scale, args.position_offset, max(args.seq_len, 1),
-        num_documents, POSITION=mode.value, HAS_POSITION_IDS=args.position_ids is not None, PACKED=packed,
-        SEARCH_STEPS=max(num_documents - 1, 1).bit_length(), HAS_SEGMENTS=args.segment_weight is not None,
-        HAS_TOKEN_TYPES=args.token_type_ids is not None, FP64=_fp64_math(args.weight),
+        args.segment_weight, args.cu_seqlens, out, num_tokens, dim, args.scale, args.position_offset, num_documents,
+        args.vocab_start, args.weight.shape[0], **_chunk_args(args), POSITION=mode.value,
+        HAS_POSITION_IDS=args.position_ids is not None, PACKED=packed, SEARCH_STEPS=max(num_documents - 1, 1).bit_length(),
+        HAS_SEGMENTS=args.segment_weight is not None, HAS_TOKEN_TYPES=args.token_type_ids is not None,
+        SHARDED=args.vocab_size != 0, FP64=_fp64_math(args.weight),
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
 def _sorted_sum(grad: torch.Tensor, keys: torch.Tensor, num_rows: int, scale: float, skip_key: int) -> torch.Tensor:
-    """``out[k] = scale * sum(grad[n] for n with keys[n] == k)`` for ``k != skip_key``; other rows zero.
+    """``out[k] = scale * sum(grad[n] for n with keys[n] == k)`` for ``k != skip_key``; other rows zero, and
+    tokens whose key is outside ``[0, num_rows)`` are skipped.
 
     A stable sort groups equal keys; the first token of each run sums the run in token order.
     """
@@ -272,7 +307,8 @@ def _sorted_sum(grad: torch.Tensor, keys: torch.Tensor, num_rows: int, scale: fl
     starts_run = torch.ones_like(sorted_keys, dtype=torch.bool)
     starts_run[1:] = sorted_keys[1:] != sorted_keys[:-1]
     index = torch.arange(num_tokens, device=grad.device)
-    run_end = torch.where(starts_run & (sorted_keys != skip_key), run_end, index)
+    summed = starts_run & (sorted_keys != skip_key) & (sorted_keys >= 0) & (sorted_keys < num_rows)
+    run_end = torch.where(summed, run_end, index)
     _, block_d, _ = launch_config(dim)
     num_warps = max(block_d // 128, 1)  # one row per program: 4 columns per thread
     _launchable(_sorted_sum_kernel)[(num_tokens, triton.cdiv(dim, block_d))](
@@ -282,8 +318,9 @@ def _sorted_sum(grad: torch.Tensor, keys: torch.Tensor, num_rows: int, scale: fl
 
 
 def _grad_rows(grad: torch.Tensor, token_type_ids: torch.Tensor | None, write_values: bool, scale: float,
-               num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass over ``grad``: sparse values (or an empty (0, D)) and the (num_segments, D) segment sums."""
+               num_segments: int, chunk: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over ``grad``: sparse values (or an empty (0, D)) and the (num_segments, D) segment sums of the
+    chunk's tokens (``chunk``: ``_chunk_args``)."""
     num_tokens, dim = grad.shape
     values = torch.empty((num_tokens if write_values else 0, dim), dtype=grad.dtype, device=grad.device)
     block_t, block_d, num_warps = launch_config(dim)
@@ -291,20 +328,28 @@ def _grad_rows(grad: torch.Tensor, token_type_ids: torch.Tensor | None, write_va
     partials = torch.zeros((num_blocks, num_segments, dim), dtype=compute_dtype(grad.dtype), device=grad.device)
     if num_tokens > 0 and dim > 0 and (write_values or num_segments > 0):
         _launchable(_grad_rows_kernel)[(num_blocks, triton.cdiv(dim, block_d))](
-            grad, values, token_type_ids, partials, num_tokens, dim, scale, num_segments,
+            grad, values, token_type_ids, partials, num_tokens, dim, scale, num_segments, **chunk,
             WRITE_VALUES=write_values, SEGMENT_PARTIALS=num_segments > 0, HAS_TOKEN_TYPES=token_type_ids is not None,
             FP64=_fp64_math(grad), BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     return values, partials.sum(dim=0).to(grad.dtype)
 
 
-def _packed_position_sum(grad: torch.Tensor, cu_seqlens: torch.Tensor, num_positions: int, position_offset: int) -> torch.Tensor:
-    """``out[p] = sum over documents of grad[cu_seqlens[i] + p - position_offset]`` where the document reaches it."""
+def _packed_position_sum(grad: torch.Tensor, cu_seqlens: torch.Tensor, num_positions: int, position_offset: int,
+                         chunk: dict) -> torch.Tensor:
+    """``out[p] = sum over documents of grad[cu_seqlens[i] + p - position_offset]`` where the document reaches it
+    and that token is in the chunk (``chunk``: ``_chunk_args``)."""
     out = torch.empty((num_positions, grad.shape[1]), dtype=grad.dtype, device=grad.device)
     _, block_d, _ = launch_config(grad.shape[1])
     _launchable(_packed_position_sum_kernel)[(num_positions, triton.cdiv(grad.shape[1], block_d))](
-        grad, cu_seqlens, out, cu_seqlens.shape[0] - 1, grad.shape[1], position_offset, FP64=_fp64_math(grad),
-        BLOCK_D=block_d, num_warps=max(block_d // 128, 1))
+        grad, cu_seqlens, out, cu_seqlens.shape[0] - 1, grad.shape[1], position_offset, **chunk,
+        FP64=_fp64_math(grad), BLOCK_D=block_d, num_warps=max(block_d // 128, 1))
     return out
+
+
+def _chunk_keys(keys: torch.Tensor, args: BackwardInputs) -> torch.Tensor:
+    """``keys`` with -1, a key ``_sorted_sum`` skips, for the tokens out of the sequence chunk."""
+    in_chunk = chunk_tokens(keys.shape[0], args.seq_len, args.chunk_start, args.chunk_end, keys.device)
+    return keys if in_chunk is None else torch.where(in_chunk, keys, -1)
 
 
 @_operator("backward", schema("backward"))
@@ -313,23 +358,26 @@ def backward_triton(*inputs):
     token_grad = check_backward(args)
     grad_out, input_ids = args.grad_out, args.input_ids
     num_tokens, dim = grad_out.shape
+    chunk = _chunk_args(args)
     in_registers = args.num_segments <= MAX_REGISTER_SEGMENTS
     values, segment_grad = _grad_rows(grad_out, args.token_type_ids, token_grad == TokenGrad.SPARSE, args.scale,
-                                      args.num_segments if in_registers else 0)
+                                      args.num_segments if in_registers else 0, chunk)
     if not in_registers:
         segments = args.token_type_ids if args.token_type_ids is not None else torch.zeros_like(input_ids)
-        segment_grad = _sorted_sum(grad_out, segments, args.num_segments, 1.0, -1)
+        segment_grad = _sorted_sum(grad_out, _chunk_keys(segments, args), args.num_segments, 1.0, -1)
     if token_grad == TokenGrad.DENSE:
-        token_grad_out = _sorted_sum(grad_out, input_ids, args.num_embeddings, args.scale, args.padding_idx)
+        # a shard's rows: ids of other shards fall outside [0, num_embeddings) and are skipped
+        rows = input_ids.long() - args.vocab_start if args.vocab_start else input_ids
+        token_grad_out = _sorted_sum(grad_out, rows, args.num_embeddings, args.scale, args.padding_idx - args.vocab_start)
     else:
         token_grad_out = values
     if args.num_positions == 0 or dim == 0:
         position_grad = grad_out.new_zeros((args.num_positions, dim))
     elif args.cu_seqlens is not None and args.position_ids is None:
-        position_grad = _packed_position_sum(grad_out, args.cu_seqlens, args.num_positions, args.position_offset)
+        position_grad = _packed_position_sum(grad_out, args.cu_seqlens, args.num_positions, args.position_offset, chunk)
     else:
         positions = token_positions(args.position_ids, None, num_tokens, args.position_offset, args.seq_len, grad_out.device)
-        position_grad = _sorted_sum(grad_out, positions, args.num_positions, 1.0, -1)
+        position_grad = _sorted_sum(grad_out, _chunk_keys(positions, args), args.num_positions, 1.0, -1)
     return token_grad_out, position_grad, segment_grad
 
 
