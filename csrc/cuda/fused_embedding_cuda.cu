@@ -10,6 +10,9 @@
 // equal keys sums its rows in token order; positions of packed documents (cu_seqlens, found by binary search in
 // the forward) instead sum each position row over the documents in order. No float atomics anywhere: results
 // are bitwise reproducible.
+// Vocabulary shards and sequence chunks (spec.py): a token of another shard reads no token row and its key drops it
+// from the dense sums; a token out of the chunk skips the position and segment rows rather than multiplying them by 0,
+// so that an Inf or NaN there cannot leak into its output or the side gradients.
 // Everything runs on the current stream with no host synchronization except the exact index-range checks;
 // with check_bounds=False or under CUDA-graph capture, device-side assertions replace them.
 #include <ATen/ATen.h>
@@ -33,19 +36,20 @@ constexpr int kMaxRegisterSegments = 4;
 constexpr int64_t kTokensPerBlock = 64;  // backward reduction block: fixed, so sums do not depend on the GPU
 constexpr int kMaxGridY = 65535;
 
+// the elements of one column chunk, moved by one access (Chunk is kernel_math.h's sequence chunk)
 template <typename scalar_t, int kVec>
-struct alignas(sizeof(scalar_t) * kVec) Chunk {
+struct alignas(sizeof(scalar_t) * kVec) Packet {
   scalar_t v[kVec];
 };
 
 template <typename scalar_t, int kVec>
-__device__ __forceinline__ Chunk<scalar_t, kVec> load_chunk(const scalar_t* p) {
-  return *reinterpret_cast<const Chunk<scalar_t, kVec>*>(p);
+__device__ __forceinline__ Packet<scalar_t, kVec> load_chunk(const scalar_t* p) {
+  return *reinterpret_cast<const Packet<scalar_t, kVec>*>(p);
 }
 
 template <typename scalar_t, int kVec>
-__device__ __forceinline__ void store_chunk(scalar_t* p, const Chunk<scalar_t, kVec>& c) {
-  *reinterpret_cast<Chunk<scalar_t, kVec>*>(p) = c;
+__device__ __forceinline__ void store_chunk(scalar_t* p, const Packet<scalar_t, kVec>& c) {
+  *reinterpret_cast<Packet<scalar_t, kVec>*>(p) = c;
 }
 
 // Sine of an angle already reduced to [-pi, pi] (sinusoid_angle): __sinf there is within 4e-7 of the true value and,
@@ -59,21 +63,40 @@ __device__ __forceinline__ acc sine(double reduced_angle) {
   }
 }
 
+// Token n's column n % seq_len and whether it is in the sequence chunk (Chunk::contains), for the kernels that walk
+// tokens: a 64-bit division is a subroutine call, around which their registers spill. umulhi(n, inverse), with
+// inverse = floor((2^64 - 1) / seq_len), is n / seq_len or one less (0 <= n < 2^63).
+struct SequenceColumns {
+  Chunk chunk;
+  uint64_t inverse;
+
+  explicit SequenceColumns(const Chunk& chunk)
+      : chunk(chunk), inverse(UINT64_MAX / static_cast<uint64_t>(chunk.seq_len)) {}
+  __device__ int64_t column(int64_t n) const {
+    const uint64_t seq_len = chunk.seq_len;
+    const uint64_t r = static_cast<uint64_t>(n) - __umul64hi(static_cast<uint64_t>(n), inverse) * seq_len;
+    return static_cast<int64_t>(r >= seq_len ? r - seq_len : r);
+  }
+  __device__ int64_t next(int64_t column) const { return column + 1 == chunk.seq_len ? 0 : column + 1; }
+  __device__ bool in_chunk(int64_t column) const { return column >= chunk.start && column < chunk.stop; }
+};
+
 // kPacked: positions of packed documents (a binary search per token), in a variant of its own so that the search's
-// registers do not weigh on the other kernels.
+// registers do not weigh on the other kernels. At least 3 blocks per SM for the 8-wide (16-bit) variants, 4 for the
+// others (at most 80 and 64 registers): the occupancy ptxas picks for the widest ones unbounded, but by spilling.
 template <typename scalar_t, typename index_t, int kVec, bool kPacked>
-__global__ void __launch_bounds__(kThreads) forward_kernel(
-    const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, const index_t* __restrict__ position_ids,
-    const index_t* __restrict__ cu_seqlens, int64_t num_documents, int64_t offset, int64_t seq_len,
-    const scalar_t* __restrict__ position_weight, const index_t* __restrict__ segment_ids,
-    const scalar_t* __restrict__ segment_weight, scalar_t* __restrict__ out, int64_t tokens, int64_t dim,
-    math_t<scalar_t> scale, PositionMode mode, double log_step) {
+__global__ void __launch_bounds__(kThreads, kVec == 8 ? 3 : 4) forward_kernel(
+    const index_t* __restrict__ ids, const scalar_t* __restrict__ weight, Shard shard,
+    const index_t* __restrict__ position_ids, const index_t* __restrict__ cu_seqlens, int64_t num_documents,
+    int64_t offset, SequenceColumns sequence, const scalar_t* __restrict__ position_weight,
+    const index_t* __restrict__ segment_ids, const scalar_t* __restrict__ segment_weight, scalar_t* __restrict__ out,
+    int64_t tokens, int64_t dim, math_t<scalar_t> scale, PositionMode mode, double log_step) {
   using acc = math_t<scalar_t>;
-  const auto position_of = [&](int64_t n) {
+  const auto position_of = [&](int64_t n, int64_t column) {
     if constexpr (kPacked) {
       return offset + n - document_start(cu_seqlens, num_documents, n);
     } else {
-      return unpacked_position(position_ids, n, offset, seq_len);
+      return position_ids != nullptr ? static_cast<int64_t>(position_ids[n]) : offset + column;
     }
   };
   const int64_t chunks = dim / kVec;
@@ -87,26 +110,30 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
       for (int k = 0; k < kVec; ++k) columns[k] = sinusoid_column(col + k, dim, mode, log_step);
     }
     for (int64_t n = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; n < tokens; n += int64_t(gridDim.y) * blockDim.y) {
-      const int64_t id = static_cast<int64_t>(ids[n]);
-      const auto token = load_chunk<scalar_t, kVec>(weight + id * dim + col);
+      const int64_t token_row = shard.row(static_cast<int64_t>(ids[n]));
+      Packet<scalar_t, kVec> token = {};
+      if (token_row >= 0) token = load_chunk<scalar_t, kVec>(weight + token_row * dim + col);
       acc position[kVec] = {};
       acc segment[kVec] = {};
-      if (mode == PositionMode::kLearned) {
-        const auto row = load_chunk<scalar_t, kVec>(position_weight + position_of(n) * dim + col);
+      const int64_t column = sequence.column(n);
+      if (sequence.in_chunk(column)) {
+        if (mode == PositionMode::kLearned) {
+          const auto row = load_chunk<scalar_t, kVec>(position_weight + position_of(n, column) * dim + col);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) position[k] = static_cast<acc>(row.v[k]);
-      } else if (sinusoid) {
-        const int64_t pos = position_of(n);
+          for (int k = 0; k < kVec; ++k) position[k] = static_cast<acc>(row.v[k]);
+        } else if (sinusoid) {
+          const int64_t pos = position_of(n, column);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) position[k] = sine<acc>(sinusoid_angle(pos, columns[k])) * columns[k].keep;
+          for (int k = 0; k < kVec; ++k) position[k] = sine<acc>(sinusoid_angle(pos, columns[k])) * columns[k].keep;
+        }
+        if (segment_weight != nullptr) {
+          const int64_t seg = segment_ids != nullptr ? static_cast<int64_t>(segment_ids[n]) : 0;
+          const auto row = load_chunk<scalar_t, kVec>(segment_weight + seg * dim + col);
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) segment[k] = static_cast<acc>(row.v[k]);
+        }
       }
-      if (segment_weight != nullptr) {
-        const int64_t seg = segment_ids != nullptr ? static_cast<int64_t>(segment_ids[n]) : 0;
-        const auto row = load_chunk<scalar_t, kVec>(segment_weight + seg * dim + col);
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) segment[k] = static_cast<acc>(row.v[k]);
-      }
-      Chunk<scalar_t, kVec> result;
+      Packet<scalar_t, kVec> result;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         result.v[k] = static_cast<scalar_t>(combine(static_cast<acc>(token.v[k]), scale, position[k], segment[k]));
@@ -116,11 +143,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   }
 }
 
-// Sparse values (grad * scale) and, per block of kTokensPerBlock tokens, the sum of grad rows per segment.
+// Sparse values (grad * scale) and, per block of kTokensPerBlock tokens, the sum of grad rows per segment (of the
+// chunk's tokens).
 template <typename scalar_t, typename index_t, int kVec>
 __global__ void __launch_bounds__(kThreads) values_and_segment_partials_kernel(
-    const scalar_t* __restrict__ grad, const index_t* __restrict__ segment_ids, scalar_t* __restrict__ values,
-    math_t<scalar_t>* __restrict__ partials, int64_t tokens, int64_t dim, int num_segments, math_t<scalar_t> scale) {
+    const scalar_t* __restrict__ grad, const index_t* __restrict__ segment_ids, SequenceColumns sequence,
+    scalar_t* __restrict__ values, math_t<scalar_t>* __restrict__ partials, int64_t tokens, int64_t dim,
+    int num_segments, math_t<scalar_t> scale) {
   using acc = math_t<scalar_t>;
   const int64_t chunks = dim / kVec;
   const int64_t chunk = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;  // x: token blocks (no 65535 limit)
@@ -129,15 +158,15 @@ __global__ void __launch_bounds__(kThreads) values_and_segment_partials_kernel(
   acc sums[kMaxRegisterSegments][kVec] = {};
   const int64_t first = blockIdx.x * kTokensPerBlock;
   const int64_t last = min(tokens, first + kTokensPerBlock);
-  for (int64_t n = first; n < last; ++n) {
+  for (int64_t n = first, column = sequence.column(first); n < last; ++n, column = sequence.next(column)) {
     const auto row = load_chunk<scalar_t, kVec>(grad + n * dim + col);
     if (values != nullptr) {
-      Chunk<scalar_t, kVec> scaled;
+      Packet<scalar_t, kVec> scaled;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) scaled.v[k] = static_cast<scalar_t>(static_cast<acc>(row.v[k]) * scale);
       store_chunk<scalar_t, kVec>(values + n * dim + col, scaled);
     }
-    if (num_segments > 0) {
+    if (num_segments > 0 && sequence.in_chunk(column)) {
       const int seg = segment_ids != nullptr ? static_cast<int>(segment_ids[n]) : 0;
 #pragma unroll
       for (int s = 0; s < kMaxRegisterSegments; ++s) {
@@ -166,15 +195,26 @@ __global__ void sum_partials_kernel(const math_t<scalar_t>* __restrict__ partial
   out[i] = static_cast<scalar_t>(sum);
 }
 
+// Per token, the row of a keyed sum its gradient goes to: ids[n] (no ids: the default position offset + n % seq_len)
+// as a row of `shard`; -1 (dropped) for a token out of seq_chunk, with the id `skip` or of another shard.
+template <typename index_t>
+__global__ void row_keys_kernel(const index_t* __restrict__ ids, int64_t offset, Chunk seq_chunk, int64_t skip,
+                                Shard shard, int64_t* __restrict__ keys, int64_t tokens) {
+  const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (n >= tokens) return;
+  const int64_t id = unpacked_position(ids, n, offset, seq_chunk.seq_len);
+  keys[n] = (seq_chunk.whole() || seq_chunk.contains(n)) && id != skip ? shard.row(id) : -1;
+}
+
 // keys sorted (stably) with their token order: each run of equal keys is summed by the thread group of its
-// first element, in token order; keys >= rows (dropped tokens) are skipped.
+// first element, in token order; keys -1 (dropped tokens) are skipped.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sum_sorted_runs_kernel(
     const scalar_t* __restrict__ grad, const int64_t* __restrict__ sorted_keys, const int64_t* __restrict__ order,
-    scalar_t* __restrict__ out, int64_t tokens, int64_t dim, int64_t rows, math_t<scalar_t> scale) {
+    scalar_t* __restrict__ out, int64_t tokens, int64_t dim, math_t<scalar_t> scale) {
   for (int64_t i = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; i < tokens; i += int64_t(gridDim.y) * blockDim.y) {
     const int64_t key = sorted_keys[i];
-    if (key >= rows || (i > 0 && sorted_keys[i - 1] == key)) continue;
+    if (key < 0 || (i > 0 && sorted_keys[i - 1] == key)) continue;
     for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < dim; col += int64_t(gridDim.x) * blockDim.x) {
       math_t<scalar_t> sum = 0;
       for (int64_t j = i; j < tokens && sorted_keys[j] == key; ++j) sum += static_cast<math_t<scalar_t>>(grad[order[j] * dim + col]);
@@ -183,17 +223,20 @@ __global__ void __launch_bounds__(kThreads) sum_sorted_runs_kernel(
   }
 }
 
-// out[p] = sum over documents i, in order, of grad[cu_seqlens[i] + p - offset] where document i reaches that far.
+// out[p] = sum over documents i, in order, of grad[cu_seqlens[i] + p - offset] where document i reaches that far
+// and that token is in seq_chunk.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads) sum_packed_positions_kernel(
-    const scalar_t* __restrict__ grad, const index_t* __restrict__ cu_seqlens, scalar_t* __restrict__ out,
-    int64_t num_documents, int64_t num_positions, int64_t dim, int64_t offset) {
+    const scalar_t* __restrict__ grad, const index_t* __restrict__ cu_seqlens, Chunk seq_chunk,
+    scalar_t* __restrict__ out, int64_t num_documents, int64_t num_positions, int64_t dim, int64_t offset) {
   for (int64_t p = blockIdx.y * int64_t(blockDim.y) + threadIdx.y; p < num_positions; p += int64_t(gridDim.y) * blockDim.y) {
     for (int64_t col = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; col < dim; col += int64_t(gridDim.x) * blockDim.x) {
       math_t<scalar_t> sum = 0;
       for (int64_t i = 0; p >= offset && i < num_documents; ++i) {
         const int64_t token = static_cast<int64_t>(cu_seqlens[i]) + p - offset;
-        if (token < static_cast<int64_t>(cu_seqlens[i + 1])) sum += static_cast<math_t<scalar_t>>(grad[token * dim + col]);
+        if (token < static_cast<int64_t>(cu_seqlens[i + 1]) && (seq_chunk.whole() || seq_chunk.contains(token))) {
+          sum += static_cast<math_t<scalar_t>>(grad[token * dim + col]);
+        }
       }
       out[p * dim + col] = static_cast<scalar_t>(sum);
     }
@@ -258,10 +301,10 @@ at::Tensor forward_cuda(const ForwardArgs& args) {
         const auto kernel = positions.packed() ? forward_kernel<scalar_t, index_t, kVec, true>
                                                : forward_kernel<scalar_t, index_t, kVec, false>;
         kernel<<<row_grid(dim / kVec, tokens, block), block, 0, stream>>>(
-            args.input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), positions.position_ids,
-            positions.cu_seqlens, positions.num_documents, positions.offset, positions.seq_len, pos_table,
-            data_or_null<index_t>(args.token_type_ids), seg_table, out.data_ptr<scalar_t>(), tokens, dim,
-            static_cast<math_t<scalar_t>>(args.scale), args.position_mode,
+            args.input_ids.data_ptr<index_t>(), weight.data_ptr<scalar_t>(), shard_of(args, weight.size(0)),
+            positions.position_ids, positions.cu_seqlens, positions.num_documents, positions.offset,
+            SequenceColumns(chunk_of(args)), pos_table, data_or_null<index_t>(args.token_type_ids), seg_table,
+            out.data_ptr<scalar_t>(), tokens, dim, static_cast<math_t<scalar_t>>(args.scale), args.position_mode,
             sinusoid_log_step(dim, args.position_mode, std::log(args.sinusoid_base)));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -270,7 +313,22 @@ at::Tensor forward_cuda(const ForwardArgs& args) {
   return out;
 }
 
-// scale * (sum of grad rows per key), rows with no key zero; keys >= rows are dropped.
+// The keys of row_keys_kernel for ids (or none) of input_ids' dtype.
+at::Tensor row_keys(const at::Tensor& input_ids, const std::optional<at::Tensor>& ids, int64_t offset,
+                    const Chunk& seq_chunk, int64_t skip, const Shard& shard) {
+  const int64_t tokens = input_ids.numel();
+  at::Tensor keys = at::empty({tokens}, input_ids.options().dtype(at::kLong));
+  if (tokens == 0) return keys;
+  AT_DISPATCH_INDEX_TYPES(input_ids.scalar_type(), "embedfast_row_keys", [&] {
+    row_keys_kernel<index_t><<<static_cast<unsigned>((tokens + kThreads - 1) / kThreads), kThreads, 0,
+                               at::cuda::getCurrentCUDAStream()>>>(
+        data_or_null<index_t>(ids), offset, seq_chunk, skip, shard, keys.data_ptr<int64_t>(), tokens);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return keys;
+}
+
+// scale * (sum of grad rows per key), rows with no key zero; keys -1 are dropped.
 at::Tensor sum_rows_by_key(const at::Tensor& grad, const at::Tensor& keys, int64_t rows, double scale) {
   at::Tensor out = at::zeros({rows, grad.size(1)}, grad.options());
   const int64_t tokens = grad.size(0), dim = grad.size(1);
@@ -280,14 +338,15 @@ at::Tensor sum_rows_by_key(const at::Tensor& grad, const at::Tensor& keys, int64
   EMBEDFAST_DISPATCH_TABLE_TYPES(grad.scalar_type(), "embedfast_sum_rows_by_key", [&] {
     sum_sorted_runs_kernel<scalar_t><<<row_grid(dim, tokens, block), block, 0, at::cuda::getCurrentCUDAStream()>>>(
         grad.data_ptr<scalar_t>(), sorted_keys.data_ptr<int64_t>(), order.data_ptr<int64_t>(), out.data_ptr<scalar_t>(),
-        tokens, dim, rows, static_cast<math_t<scalar_t>>(scale));
+        tokens, dim, static_cast<math_t<scalar_t>>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
 // Positions of packed documents: each position row summed over the documents, in document order.
-at::Tensor sum_packed_positions(const at::Tensor& grad, const at::Tensor& cu_seqlens, int64_t rows, int64_t offset) {
+at::Tensor sum_packed_positions(const at::Tensor& grad, const at::Tensor& cu_seqlens, const Chunk& seq_chunk,
+                                int64_t rows, int64_t offset) {
   at::Tensor out = at::empty({rows, grad.size(1)}, grad.options());
   const int64_t dim = grad.size(1);
   if (rows == 0 || dim == 0) return out;
@@ -295,20 +354,12 @@ at::Tensor sum_packed_positions(const at::Tensor& grad, const at::Tensor& cu_seq
   AT_DISPATCH_INDEX_TYPES(cu_seqlens.scalar_type(), "embedfast_sum_packed_positions", [&] {
     EMBEDFAST_DISPATCH_TABLE_TYPES(grad.scalar_type(), "embedfast_sum_packed_positions", [&] {
       sum_packed_positions_kernel<scalar_t, index_t><<<row_grid(dim, rows, block), block, 0, at::cuda::getCurrentCUDAStream()>>>(
-          grad.data_ptr<scalar_t>(), cu_seqlens.data_ptr<index_t>(), out.data_ptr<scalar_t>(), cu_seqlens.numel() - 1,
-          rows, dim, offset);
+          grad.data_ptr<scalar_t>(), cu_seqlens.data_ptr<index_t>(), seq_chunk, out.data_ptr<scalar_t>(),
+          cu_seqlens.numel() - 1, rows, dim, offset);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return out;
-}
-
-// Explicit or default positions, per token, as sort keys.
-at::Tensor position_keys(const BackwardArgs& args) {
-  if (args.position_ids.has_value()) return args.position_ids->to(at::kLong);
-  return at::arange(args.input_ids.numel(), args.input_ids.options().dtype(at::kLong))
-      .remainder_(std::max<int64_t>(args.seq_len, 1))
-      .add_(args.position_offset);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs& args) {
@@ -323,6 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs&
   at::Tensor weight_grad = values;
   at::Tensor segment_grad = at::zeros({num_segments, dim}, grad_out.options());
   const bool segments_in_registers = num_segments <= kMaxRegisterSegments;
+  const Chunk seq_chunk = chunk_of(args);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   if (tokens > 0 && dim > 0 && (sparse || (num_segments > 0 && segments_in_registers))) {
@@ -339,7 +391,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs&
           const int threads = static_cast<int>(std::min<int64_t>(kThreads, (chunks + 31) / 32 * 32));
           const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>((chunks + threads - 1) / threads));
           values_and_segment_partials_kernel<scalar_t, index_t, kVec><<<grid, threads, 0, stream>>>(
-              grad_out.data_ptr<scalar_t>(), data_or_null<index_t>(args.token_type_ids),
+              grad_out.data_ptr<scalar_t>(), data_or_null<index_t>(args.token_type_ids), SequenceColumns(seq_chunk),
               sparse ? values.data_ptr<scalar_t>() : nullptr, partials.data_ptr<acc>(), tokens, dim, reduced_segments,
               static_cast<acc>(args.scale));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -354,23 +406,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs&
     });
   }
   if (num_segments > 0 && !segments_in_registers) {
-    const at::Tensor keys = args.token_type_ids.has_value() ? args.token_type_ids->to(at::kLong)
-                                                            : at::zeros({tokens}, input_ids.options().dtype(at::kLong));
+    const at::Tensor segments =
+        args.token_type_ids.has_value() ? *args.token_type_ids : at::zeros({tokens}, input_ids.options());
+    const at::Tensor keys = row_keys(input_ids, segments, 0, seq_chunk, -1, Shard{0, num_segments});
     segment_grad = sum_rows_by_key(grad_out, keys, num_segments, 1.0);
   }
   if (dense) {
-    // padding tokens get key num_embeddings: sorted last and dropped
-    const at::Tensor ids = input_ids.to(at::kLong);
-    const at::Tensor keys = args.padding_idx >= 0 ? at::where(ids == args.padding_idx, args.num_embeddings, ids) : ids;
+    const Chunk every_token{0, 1, 1};
+    const at::Tensor keys =
+        row_keys(input_ids, input_ids, 0, every_token, args.padding_idx, shard_of(args, args.num_embeddings));
     weight_grad = sum_rows_by_key(grad_out, keys, args.num_embeddings, args.scale);
   } else if (!sparse) {
     weight_grad = at::empty({0, dim}, grad_out.options());
   }
   at::Tensor position_grad = at::empty({0, dim}, grad_out.options());
   if (num_positions > 0 && args.cu_seqlens.has_value() && !args.position_ids.has_value()) {
-    position_grad = sum_packed_positions(grad_out, *args.cu_seqlens, num_positions, args.position_offset);
+    position_grad = sum_packed_positions(grad_out, *args.cu_seqlens, seq_chunk, num_positions, args.position_offset);
   } else if (num_positions > 0) {
-    position_grad = sum_rows_by_key(grad_out, position_keys(args), num_positions, 1.0);
+    const at::Tensor keys =
+        row_keys(input_ids, args.position_ids, args.position_offset, seq_chunk, -1, Shard{0, num_positions});
+    position_grad = sum_rows_by_key(grad_out, keys, num_positions, 1.0);
   }
   return {weight_grad, position_grad, segment_grad};
 }
