@@ -26,8 +26,9 @@ backward: one pass over grad_out returns (token_grad, position_grad, segment_gra
   ``token_grad`` SPARSE: (N, D) values grad_out * scale; DENSE: (num_embeddings, D), the ``padding_idx`` row
   zero; NONE: (0, D). position_grad (num_positions, D) and segment_grad (num_segments, D): 0 rows when not
   wanted. With a vocabulary shard, num_embeddings is the shard's rows and DENSE sums only the tokens of the
-  shard into them (SPARSE values stay per token); with a sequence chunk, only the chunk's tokens reach the
-  position and segment gradients: the exact derivative of the forward with the same arguments.
+  shard into them (padding_idx is an id of the whole vocabulary; SPARSE values stay per token); with a sequence
+  chunk, only the chunk's tokens reach the position and segment gradients: the exact derivative of the forward
+  with the same arguments.
 """
 
 from __future__ import annotations

@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from embedfast.backends import forward_op
-from embedfast.spec import TOLERANCE, BackwardInputs, ForwardInputs, PositionMode, TokenGrad
+from embedfast.ops import call_forward
+from embedfast.spec import TOLERANCE, BackwardInputs, ForwardInputs, GradientOptions, PositionMode, TokenGrad
 
 VOCAB, BATCH, SEQ_LEN, POSITIONS, SEGMENTS = 50, 3, 7, 12, 3
+PADDING = 22  # inside the middle shard of the three-way split: its local row is 5
 # (vocab_start, vocab_end, chunk_start, chunk_end) per rank of an uneven three-way split, and a two-way one
 SPLITS = {"three-ranks": [(0, 17, 0, 2), (17, 34, 2, 4), (34, 50, 4, 7)], "two-ranks": [(0, 25, 0, 3), (25, 50, 3, -1)]}
 SOURCES = ("default", "explicit", "packed", "sinusoid", "none")
@@ -19,13 +21,13 @@ def _ops(backend):
 
 
 def _problem(source, dtype, device, generator):
-    """Whole-vocabulary tables and the forward's inputs (flattened BATCH x SEQ_LEN tokens, padding id 5)."""
+    """Whole-vocabulary tables and the forward's inputs (flattened BATCH x SEQ_LEN tokens, PADDING among them)."""
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device, dtype)
 
     tokens = BATCH * SEQ_LEN
     ids = torch.randint(0, VOCAB, (tokens,), generator=generator).to(device)
-    ids[::4] = 5
+    ids[::4] = PADDING
     types = torch.randint(0, SEGMENTS, (tokens,), generator=generator).to(device)
     learned = source != "sinusoid" and source != "none"
     inputs = ForwardInputs(
@@ -46,7 +48,7 @@ def _backward_inputs(inputs, grad_out, token_grad):
     position_rows = inputs.position_weight.shape[0] if inputs.position_weight is not None else 0
     return BackwardInputs(
         grad_out, inputs.input_ids, inputs.weight.shape[0], position_ids=inputs.position_ids,
-        token_type_ids=inputs.token_type_ids, cu_seqlens=inputs.cu_seqlens, token_grad=int(token_grad), padding_idx=5,
+        token_type_ids=inputs.token_type_ids, cu_seqlens=inputs.cu_seqlens, token_grad=int(token_grad), padding_idx=PADDING,
         scale=inputs.scale, num_positions=position_rows, num_segments=SEGMENTS, position_offset=inputs.position_offset,
         seq_len=inputs.seq_len, vocab_start=inputs.vocab_start, vocab_size=inputs.vocab_size,
         chunk_start=inputs.chunk_start, chunk_end=inputs.chunk_end)
@@ -116,3 +118,18 @@ def test_ids_are_checked_against_the_whole_vocabulary(backend, device):
     forward(*inputs._replace(input_ids=inputs.input_ids.clone().fill_(VOCAB - 1)))  # another shard's id: fine
     with pytest.raises(IndexError, match=f"input_ids contains {VOCAB}, out of range for a table of {VOCAB} rows"):
         forward(*inputs._replace(input_ids=inputs.input_ids.clone().fill_(VOCAB)))
+
+
+def test_derivatives_of_a_shard_match_numerical_ones(backend, device):
+    """Reverse mode, forward mode and double backward through ``call_forward`` on the middle shard and chunk, in
+    float64 (the dense token gradient; no padding id: its row gets no gradient by design, not by derivative)."""
+    whole, _ = _problem("default", torch.float64, device, torch.Generator().manual_seed(11))
+    inputs = _shard(whole, *SPLITS["three-ranks"][1])
+    tables = [t.detach().clone().requires_grad_() for t in (inputs.weight, inputs.position_weight, inputs.segment_weight)]
+
+    def embed(weight, position_weight, segment_weight):
+        args = inputs._replace(weight=weight, position_weight=position_weight, segment_weight=segment_weight)
+        return call_forward(backend, *args, *GradientOptions(padding_idx=-1, sparse=False))
+
+    assert torch.autograd.gradcheck(embed, tables, check_forward_ad=True, fast_mode=True)
+    assert torch.autograd.gradgradcheck(embed, tables, fast_mode=True)

@@ -1,5 +1,9 @@
 """VocabParallelInputEmbedding on real gloo process groups (2 and 3 ranks on loopback): the forward and every
-gradient against the single-process module, on every backend, with and without sequence parallelism."""
+gradient against the single-process module, on every backend, with and without sequence parallelism.
+
+Inputs: the learned configs have explicit position_ids, the sinusoidal ones a past_length and an uneven split of
+T without sequence parallelism, the one without positions a 3-D batch; padding ids fall in a shard that does not
+start at 0 (so local rows and ids differ)."""
 
 import dataclasses
 import itertools
@@ -10,9 +14,9 @@ import torch
 
 import embedfast
 from distributed import run_workers
-from embedfast.parallel import VocabParallelInputEmbedding, vocab_shard
+from embedfast.parallel import VocabParallelInputEmbedding, even_split
 
-VOCAB, DIM, BATCH, SEQ_LEN = 37, 12, 2, 6
+VOCAB, DIM, BATCH, SEQ_LEN = 37, 12, 2, 6  # T = 6 splits evenly in 2 and 3; non-SP configs take 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,18 +31,25 @@ class Config:
     def module(self) -> embedfast.FusedInputEmbedding:
         torch.manual_seed(0)  # the same module on every rank
         return embedfast.FusedInputEmbedding(VOCAB, DIM, padding_idx=self.padding_idx, num_segments=self.segments,
-                                             position=self.position, max_positions=SEQ_LEN + 3, sparse=self.sparse,
+                                             position=self.position, max_positions=SEQ_LEN + 4, sparse=self.sparse,
                                              backend=self.backend)
 
     def inputs(self) -> tuple[dict, torch.Tensor]:
         generator = torch.Generator().manual_seed(zlib.crc32(repr(self).encode()))  # the same in every process
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=generator)
+        shape = (BATCH, SEQ_LEN if self.sequence_parallel else SEQ_LEN + 1)
+        if self.position == "none":
+            shape = (2, *shape)
+        ids = torch.randint(0, VOCAB, shape, generator=generator)
         if self.padding_idx is not None:
             ids[0, ::2] = self.padding_idx
-        kwargs = {"input_ids": ids, "past_length": 2 if self.position != "learned" else 1}
+        kwargs = {"input_ids": ids}
+        if self.position == "learned":
+            kwargs["position_ids"] = torch.randint(0, SEQ_LEN + 4, shape[-1:], generator=generator)
+        elif self.position == "sinusoidal":
+            kwargs["past_length"] = 2
         if self.segments:
-            kwargs["token_type_ids"] = torch.randint(0, self.segments, (BATCH, SEQ_LEN), generator=generator)
-        return kwargs, torch.randn(BATCH, SEQ_LEN, DIM, generator=generator)
+            kwargs["token_type_ids"] = torch.randint(0, self.segments, shape, generator=generator)
+        return kwargs, torch.randn(*shape, DIM, generator=generator)
 
 
 def _available_backends():
@@ -49,7 +60,7 @@ def _available_backends():
 CONFIGS = [Config(position, segments, padding, sparse, sequence_parallel, backend)
            for backend in _available_backends()
            for (position, segments, padding), sparse, sequence_parallel in itertools.product(
-               [("learned", 2, 0), ("sinusoidal", 3, None), ("none", 0, 4)], (True, False), (False, True))
+               [("learned", 2, 20), ("sinusoidal", 3, None), ("none", 0, 30)], (True, False), (False, True))
            if backend != "triton" or position == "learned"]
 
 
@@ -62,6 +73,11 @@ def _gradients(module) -> dict:
     return grads
 
 
+def _rows_in_range(grad: torch.Tensor) -> bool:
+    rows = grad.coalesce().indices()
+    return bool(((rows >= 0) & (rows < grad.shape[0])).all())
+
+
 def _shard_worker(rank: int, world_size: int, configs: list) -> list:
     """Every config on this rank: the vocab range, the output, the gradients (sparse ones made dense, local rows)."""
     results = []
@@ -69,14 +85,14 @@ def _shard_worker(rank: int, world_size: int, configs: list) -> list:
         parallel = VocabParallelInputEmbedding.from_module(config.module(), sequence_parallel=config.sequence_parallel)
         kwargs, grad_out = config.inputs()
         out = parallel(**kwargs)
+        assert out.is_contiguous()
+        out.mul_(1.0)  # the output takes in-place ops, as the plain module's does
         if config.sequence_parallel:
-            grad_out = grad_out.chunk(world_size, dim=1)[rank]
+            grad_out = grad_out.chunk(world_size, dim=-2)[rank]
         out.backward(grad_out)
         sparse = parallel.weight.grad.is_sparse
         results.append({"vocab_range": parallel.vocab_range, "out": out.detach(), "sparse": sparse,
-                        "indices_in_range": bool(((parallel.weight.grad.coalesce().indices() >= 0) &
-                                                  (parallel.weight.grad.coalesce().indices() < parallel.weight.shape[0])).all())
-                        if sparse else True, **_gradients(parallel)})
+                        "indices_in_range": not sparse or _rows_in_range(parallel.weight.grad), **_gradients(parallel)})
     return results
 
 
@@ -93,8 +109,8 @@ def test_forward_and_gradients_match_the_single_process_module(world_size):
             got = per_rank[rank][i]
             what = f"{config}, rank {rank} of {world_size}"
             start, end = got["vocab_range"]
-            assert (start, end) == vocab_shard(VOCAB, world_size, rank)
-            want_out = expected.chunk(world_size, dim=1)[rank] if config.sequence_parallel else expected
+            assert (start, end) == even_split(VOCAB, world_size, rank)
+            want_out = expected.chunk(world_size, dim=-2)[rank] if config.sequence_parallel else expected
             torch.testing.assert_close(got["out"], want_out.detach(), msg=lambda m: f"{what}: forward: {m}")
             assert got["sparse"] == config.sparse and got["indices_in_range"], what
             torch.testing.assert_close(got["weight"], whole["weight"][start:end], msg=lambda m: f"{what}: weight: {m}")
@@ -110,10 +126,10 @@ def _errors_worker(rank: int, world_size: int) -> list:
     parallel = VocabParallelInputEmbedding.from_module(module, sequence_parallel=True)
     for call in (lambda: parallel(torch.zeros(2, 5, dtype=torch.long)),
                  lambda: parallel(torch.full((2, 4), VOCAB, dtype=torch.long)),
-                 lambda: VocabParallelInputEmbedding.from_module(embedfast.FusedInputEmbedding(1, DIM))):
+                 lambda: VocabParallelInputEmbedding.from_module(embedfast.FusedInputEmbedding(1, DIM)),
+                 lambda: tuple(VocabParallelInputEmbedding.from_module(module)(torch.zeros(2, 0, dtype=torch.long)).shape)):
         try:
-            call()
-            errors.append(None)
+            errors.append(call())
         except Exception as error:  # noqa: BLE001 (the parent checks which)
             errors.append((type(error).__name__, str(error).splitlines()[0]))
     return errors
@@ -125,6 +141,7 @@ def test_bad_input_raises_on_every_rank():
                                            "world size 2")
         assert errors[1][0] == "IndexError" and f"input_ids contains {VOCAB}, out of range" in errors[1][1]
         assert errors[2] == ("ValueError", "num_embeddings=1 is smaller than the world size 2: a rank would keep no rows")
+        assert errors[3] == (2, 0, DIM)  # an empty sequence embeds to nothing, as with the plain module
 
 
 def test_needs_a_process_group():
@@ -155,7 +172,7 @@ def _mesh_worker(rank: int, world_size: int) -> dict:
 
 def _mesh_batches():
     first = MESH_CONFIG.inputs()
-    second = dataclasses.replace(MESH_CONFIG, sequence_parallel=False).inputs()
+    second = dataclasses.replace(MESH_CONFIG, sparse=False).inputs()  # other values, the same shapes
     return [first, second]
 
 

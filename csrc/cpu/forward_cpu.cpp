@@ -164,7 +164,7 @@ at::Tensor forward_cpu(const ForwardArgs& args) {
             const scalar_t* token_row = row >= 0 ? table + row * dim : zero_token_row.data();
             const acc_t* position_row = zero_side_row.data();
             const acc_t* segment_row = zero_side_row.data();
-            if (chunk.whole() || chunk.contains(n)) {
+            if (chunk.contains(n)) {
               const int64_t position = default_positions ? source.offset + first + i : source(n);
               position_row = positions.rotate ? tile_rows.data() + i * dim : position_table + positions.row(n, position) * dim;
               segment_row = segment_table + (seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0) * dim;

@@ -203,7 +203,7 @@ __global__ void row_keys_kernel(const index_t* __restrict__ ids, int64_t offset,
   const int64_t n = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (n >= tokens) return;
   const int64_t id = unpacked_position(ids, n, offset, seq_chunk.seq_len);
-  keys[n] = (seq_chunk.whole() || seq_chunk.contains(n)) && id != skip ? shard.row(id) : -1;
+  keys[n] = seq_chunk.contains(n) && id != skip ? shard.row(id) : -1;
 }
 
 // keys sorted (stably) with their token order: each run of equal keys is summed by the thread group of its
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) sum_packed_positions_kernel(
       math_t<scalar_t> sum = 0;
       for (int64_t i = 0; p >= offset && i < num_documents; ++i) {
         const int64_t token = static_cast<int64_t>(cu_seqlens[i]) + p - offset;
-        if (token < static_cast<int64_t>(cu_seqlens[i + 1]) && (seq_chunk.whole() || seq_chunk.contains(token))) {
+        if (token < static_cast<int64_t>(cu_seqlens[i + 1]) && seq_chunk.contains(token)) {
           sum += static_cast<math_t<scalar_t>>(grad[token * dim + col]);
         }
       }

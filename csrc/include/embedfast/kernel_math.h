@@ -101,6 +101,7 @@ struct Chunk {
 
   C10_HOST_DEVICE bool whole() const { return start == 0 && stop == seq_len; }
   C10_HOST_DEVICE bool contains(int64_t n) const {
+    if (whole()) return true;  // (no division per token when there is no chunk)
     const int64_t column = n % seq_len;
     return column >= start && column < stop;
   }
