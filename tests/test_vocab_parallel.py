@@ -78,12 +78,17 @@ def _rows_in_range(grad: torch.Tensor) -> bool:
     return bool(((rows >= 0) & (rows < grad.shape[0])).all())
 
 
-def _shard_worker(rank: int, world_size: int, configs: list) -> list:
-    """Every config on this rank: the vocab range, the output, the gradients (sparse ones made dense, local rows)."""
+def _shard_worker(rank: int, world_size: int, configs: list, device: str = "cpu") -> list:
+    """Every config on this rank: the vocab range, the output, the gradients (sparse ones made dense, local rows);
+    on ``device`` "cuda", rank r computes on cuda:r and the results come back to the CPU."""
+    device = torch.device("cuda", rank) if device == "cuda" else torch.device(device)
     results = []
     for config in configs:
-        parallel = VocabParallelInputEmbedding.from_module(config.module(), sequence_parallel=config.sequence_parallel)
+        parallel = VocabParallelInputEmbedding.from_module(config.module().to(device),
+                                                           sequence_parallel=config.sequence_parallel)
         kwargs, grad_out = config.inputs()
+        kwargs = {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
+        grad_out = grad_out.to(device)
         out = parallel(**kwargs)
         assert out.is_contiguous()
         out.mul_(1.0)  # the output takes in-place ops, as the plain module's does
@@ -91,15 +96,28 @@ def _shard_worker(rank: int, world_size: int, configs: list) -> list:
             grad_out = grad_out.chunk(world_size, dim=-2)[rank]
         out.backward(grad_out)
         sparse = parallel.weight.grad.is_sparse
-        results.append({"vocab_range": parallel.vocab_range, "out": out.detach(), "sparse": sparse,
-                        "indices_in_range": not sparse or _rows_in_range(parallel.weight.grad), **_gradients(parallel)})
+        results.append({"vocab_range": parallel.vocab_range, "out": out.detach().cpu(), "sparse": sparse,
+                        "indices_in_range": not sparse or _rows_in_range(parallel.weight.grad),
+                        **{name: grad.cpu() for name, grad in _gradients(parallel).items()}})
     return results
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_forward_and_gradients_match_the_single_process_module(world_size):
-    per_rank = run_workers(_shard_worker, world_size, CONFIGS)
-    for i, config in enumerate(CONFIGS):
+    _assert_match_single_process(CONFIGS, run_workers(_shard_worker, world_size, CONFIGS), world_size)
+
+
+@pytest.mark.gpu
+def test_on_nccl_with_one_gpu_per_rank():
+    """The same on CUDA with NCCL (dense and sparse: the token gradient is not all-reduced), two GPUs or skipped."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 CUDA devices, {torch.cuda.device_count()} visible")
+    configs = [c for c in CONFIGS if embedfast.backends.unavailable_reason(c.backend, torch.device("cuda")) is None]
+    _assert_match_single_process(configs, run_workers(_shard_worker, 2, configs, "cuda", backend="nccl"), 2)
+
+
+def _assert_match_single_process(configs: list, per_rank: list, world_size: int) -> None:
+    for i, config in enumerate(configs):
         module = config.module()
         kwargs, grad_out = config.inputs()
         expected = module(**kwargs)
