@@ -103,8 +103,9 @@ struct FusedForward : public torch::autograd::Function<FusedForward> {
 
     at::Tensor weight_grad;
     if (gather_rows) {
-      const at::Tensor rows = input_ids.to(at::kLong) - vocab_start;
-      const at::Tensor keep = input_ids.ne(padding_idx).logical_and_(rows.ge(0)).logical_and_(rows.lt(num_embeddings));
+      const at::Tensor rows = vocab_start == 0 ? input_ids.to(at::kLong) : input_ids.to(at::kLong) - vocab_start;
+      at::Tensor keep = input_ids.ne(padding_idx);
+      if (vocab_size > 0) keep.logical_and_(rows.ge(0)).logical_and_(rows.lt(num_embeddings));  // in the shard
       weight_grad = sparse_gradient(rows.index({keep}).unsqueeze(0), grad_out.index({keep}).mul_(scale), num_embeddings);
     } else if (token_grad == TokenGrad::kSparse) {  // indices copied: the gradient must not change when ids are reused
       weight_grad = sparse_gradient(input_ids.to(at::kLong, false, /*copy=*/true).unsqueeze(0), result[0].toTensor(),
