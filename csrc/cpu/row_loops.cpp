@@ -1,7 +1,6 @@
 // The row loops' dispatch to the instruction-set path cpu_isa() chose, and the side-row layout it implies.
 #include "row_loops.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -50,25 +49,6 @@ SideRowLayout::SideRowLayout(at::ScalarType storage, int64_t dim)
   }
 }
 
-at::Tensor SideRowLayout::side_rows(const at::Tensor& table, at::ScalarType math_dtype) const {
-  if (natural_) return table.to(math_dtype).contiguous();
-  const at::Tensor source = table.contiguous();
-  at::Tensor rows = at::empty(source.sizes(), source.options().dtype(at::kFloat));
-  const int64_t width = dim();
-  const auto* in = source.data_ptr<c10::BFloat16>();
-  float* out = rows.data_ptr<float>();
-  at::parallel_for(0, source.size(0), 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t whole = width - width % kAvx2Block;  // the lane order covers whole blocks; the tail is natural
-#ifdef EMBEDFAST_X86_LOOPS
-      avx2::widen_blocks(out + r * width, in + r * width, whole);
-#endif
-      for (int64_t j = whole; j < width; ++j) out[r * width + j] = static_cast<float>(in[r * width + j]);
-    }
-  });
-  return rows;
-}
-
 bool stream_output(int64_t bytes) { return bytes >= stream_min_bytes(); }
 
 void end_streaming() {
@@ -107,12 +87,14 @@ void store_side_rows(double* out, const double* side, double scale, int64_t dim)
 #define EMBEDFAST_SIMD_OR_PORTABLE(loop, ...)
 #endif
 
+#define EMBEDFAST_DISPATCHED_COMBINE_ROWS(scalar_t, position_t)                                              \
+  void combine_rows(scalar_t* out, const scalar_t* token, const position_t* position, const scalar_t* segment, \
+                    float scale, int64_t dim, bool stream) {                                                  \
+    EMBEDFAST_SIMD_OR_PORTABLE(combine_rows, out, token, position, segment, scale, dim, stream)               \
+    portable::combine_row(out, token, position, segment, scale, dim);                                         \
+  }
 #define EMBEDFAST_DISPATCHED_ROW_LOOPS(scalar_t)                                                                       \
-  void combine_rows(scalar_t* out, const scalar_t* token, const float* position, const float* segment, float scale,   \
-                    int64_t dim, bool stream) {                                                                       \
-    EMBEDFAST_SIMD_OR_PORTABLE(combine_rows, out, token, position, segment, scale, dim, stream)                       \
-    portable::combine_row(out, token, position, segment, scale, dim);                                                 \
-  }                                                                                                                    \
+  EMBEDFAST_DISPATCHED_COMBINE_ROWS(scalar_t, float)                                                                   \
   void scale_or_accumulate_rows(scalar_t* out, float* acc, const scalar_t* grad, float scale, int64_t dim,             \
                                 bool stream) {                                                                        \
     EMBEDFAST_SIMD_OR_PORTABLE(scale_or_accumulate_rows, out, acc, grad, scale, dim, stream)                          \
@@ -126,7 +108,10 @@ void store_side_rows(double* out, const double* side, double scale, int64_t dim)
 EMBEDFAST_DISPATCHED_ROW_LOOPS(float)
 EMBEDFAST_DISPATCHED_ROW_LOOPS(c10::Half)
 EMBEDFAST_DISPATCHED_ROW_LOOPS(c10::BFloat16)
+EMBEDFAST_DISPATCHED_COMBINE_ROWS(c10::Half, c10::Half)
+EMBEDFAST_DISPATCHED_COMBINE_ROWS(c10::BFloat16, c10::BFloat16)
 #undef EMBEDFAST_DISPATCHED_ROW_LOOPS
+#undef EMBEDFAST_DISPATCHED_COMBINE_ROWS
 #undef EMBEDFAST_SIMD_OR_PORTABLE
 
 EMBEDFAST_ROW_KERNEL void rotate_row(float* row, double* sine, double* cosine, const double* step_sin,

@@ -3,11 +3,12 @@
 // Each loop takes the instruction-set path cpu_isa() chose (cpu_machine.h): row_loops_avx512.cpp,
 // row_loops_avx2.cpp, or the portable loops of row_loops_portable.h.
 //
-// Token rows, gradient rows and outputs are in natural column order. The math-dtype "side rows" the loops read
-// or write beside them (position and segment rows, partial sums) are in the loops' lane order for the storage
-// dtype, which SideRowLayout owns: natural, except for bfloat16 on the AVX2 path, where every full block of 16
-// columns holds columns 0-3, 8-11, 4-7, 12-15 (the order in which unpacking 16 bfloat16 values into two float32
-// vectors leaves them; see row_loops_avx2.cpp).
+// Token rows, gradient rows, outputs and the rows of the learned position and segment tables are read in the
+// storage dtype, in natural column order. The math-dtype "side rows" the loops read or write beside them
+// (sinusoid position rows, partial sums) are in the loops' lane order for the storage dtype, which SideRowLayout
+// owns: natural, except for bfloat16 on the AVX2 path, where every full block of 16 columns holds columns 0-3,
+// 8-11, 4-7, 12-15 (the order in which unpacking 16 bfloat16 values into two float32 vectors leaves them; see
+// row_loops_avx2.cpp). A bfloat16 table row read by the same unpacking lands in the same order.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,9 +30,6 @@ class SideRowLayout {
   // the column that slot `slot` of a side row holds
   int64_t column(int64_t slot) const { return columns_[slot]; }
 
-  // `table` (rows, dim) in `math_dtype`, as side rows of this layout (a view of it where that is the same)
-  at::Tensor side_rows(const at::Tensor& table, at::ScalarType math_dtype) const;
-
  private:
   std::vector<int64_t> columns_;
   bool natural_;
@@ -42,33 +40,40 @@ class SideRowLayout {
 bool stream_output(int64_t bytes);
 void end_streaming();
 
-// out = combine(token, scale, position, segment) per column. out = grad * scale and/or acc += grad (either
-// pointer may be null). `stream`: see stream_output. store_side_rows: out = side * scale, a side row back in
-// natural order in the storage dtype.
+// out = combine(token, scale, position, segment) per column; the position row is a math-dtype side row
+// (sinusoids) or, for half-precision tables, also a table row in the storage dtype (learned positions). out = grad
+// * scale and/or acc += grad (either pointer may be null). `stream`: see stream_output. store_side_rows: out =
+// side * scale, a side row back in natural order in the storage dtype.
 #define EMBEDFAST_DECLARE_ROW_LOOPS(scalar_t)                                                                   \
   void combine_rows(scalar_t* out, const scalar_t* token, const math_t<scalar_t>* position,                    \
-                    const math_t<scalar_t>* segment, math_t<scalar_t> scale, int64_t dim, bool stream);        \
+                    const scalar_t* segment, math_t<scalar_t> scale, int64_t dim, bool stream);                \
   void scale_or_accumulate_rows(scalar_t* out, math_t<scalar_t>* acc, const scalar_t* grad, math_t<scalar_t> scale, \
                                 int64_t dim, bool stream);                                                     \
   void store_side_rows(scalar_t* out, const math_t<scalar_t>* side, math_t<scalar_t> scale, int64_t dim);
+#define EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(scalar_t)                                                       \
+  void combine_rows(scalar_t* out, const scalar_t* token, const scalar_t* position, const scalar_t* segment,    \
+                    float scale, int64_t dim, bool stream);
 
 EMBEDFAST_DECLARE_ROW_LOOPS(float)
 EMBEDFAST_DECLARE_ROW_LOOPS(double)
 EMBEDFAST_DECLARE_ROW_LOOPS(c10::Half)
 EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)
+EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::Half)
+EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::BFloat16)
 
-// the same loops, per instruction set (row_loops_<isa>.cpp); widen_blocks: whole blocks of bfloat16 rows as
-// float32 side rows
-#define EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(isa)                                 \
-  namespace isa {                                                             \
-  EMBEDFAST_DECLARE_ROW_LOOPS(float)                                          \
-  EMBEDFAST_DECLARE_ROW_LOOPS(c10::Half)                                      \
-  EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)                                  \
-  void widen_blocks(float* out, const c10::BFloat16* row, int64_t dim);       \
+// the same loops, per instruction set (row_loops_<isa>.cpp)
+#define EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(isa)           \
+  namespace isa {                                       \
+  EMBEDFAST_DECLARE_ROW_LOOPS(float)                    \
+  EMBEDFAST_DECLARE_ROW_LOOPS(c10::Half)                \
+  EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)            \
+  EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::Half)    \
+  EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::BFloat16) \
   }
 EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx2)
 EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx512)
 #undef EMBEDFAST_DECLARE_SIMD_ROW_LOOPS
+#undef EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP
 #undef EMBEDFAST_DECLARE_ROW_LOOPS
 
 // row = sin(theta); theta += step, as a float64 rotation of (sin, cos) per column.

@@ -11,11 +11,14 @@
 namespace embedfast {
 namespace portable {
 
-template <typename scalar_t, typename acc_t = math_t<scalar_t>>
-inline void combine_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ token, const acc_t* __restrict__ position,
-                        const acc_t* __restrict__ segment, acc_t scale, int64_t dim) {
+// position: a math-dtype side row or a table row in the storage dtype
+template <typename scalar_t, typename position_t, typename acc_t = math_t<scalar_t>>
+inline void combine_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ token,
+                        const position_t* __restrict__ position, const scalar_t* __restrict__ segment, acc_t scale,
+                        int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) {
-    out[j] = static_cast<scalar_t>(combine(static_cast<acc_t>(token[j]), scale, position[j], segment[j]));
+    out[j] = static_cast<scalar_t>(
+        combine(static_cast<acc_t>(token[j]), scale, static_cast<acc_t>(position[j]), static_cast<acc_t>(segment[j])));
   }
 }
 

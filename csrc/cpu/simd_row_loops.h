@@ -4,7 +4,8 @@
 // instruction set, so no copy built for one can stand in for another's at link time.
 //
 // Simd::Block holds Simd::kBlock columns as float32 vectors: float32 and float16 rows in natural order, bfloat16
-// rows in Simd's lane order, which SideRowLayout (row_loops.h) gives the side rows.
+// rows in Simd's lane order, which SideRowLayout (row_loops.h) gives the side rows (a bfloat16 table row loads
+// into the same order).
 #include <cstdint>
 
 #ifndef EMBEDFAST_SIMD_NAMESPACE
@@ -21,9 +22,9 @@ bool can_stream(const scalar_t* row, bool stream) {
 }
 
 // combine(), with the multiply and the position add fused
-template <bool kStream, typename scalar_t>
-void combine_blocks(scalar_t* out, const scalar_t* token, const float* position, const float* segment, float scale,
-                    int64_t dim) {
+template <bool kStream, typename scalar_t, typename position_t>
+void combine_blocks(scalar_t* out, const scalar_t* token, const position_t* position, const scalar_t* segment,
+                    float scale, int64_t dim) {
   const auto factor = Simd::broadcast(portable::canonical(scale));
   int64_t j = 0;
   for (; j + Simd::kBlock <= dim; j += Simd::kBlock) {
@@ -56,12 +57,14 @@ void store_side_blocks(scalar_t* out, const float* side, float scale, int64_t di
 
 }  // namespace
 
+#define EMBEDFAST_SIMD_COMBINE_ROWS(scalar_t, position_t)                                                      \
+  void combine_rows(scalar_t* out, const scalar_t* token, const position_t* position, const scalar_t* segment,  \
+                    float scale, int64_t dim, bool stream) {                                                   \
+    if (can_stream(out, stream)) return combine_blocks<true>(out, token, position, segment, scale, dim);      \
+    combine_blocks<false>(out, token, position, segment, scale, dim);                                          \
+  }
 #define EMBEDFAST_SIMD_ROW_LOOPS(scalar_t)                                                                           \
-  void combine_rows(scalar_t* out, const scalar_t* token, const float* position, const float* segment, float scale,  \
-                    int64_t dim, bool stream) {                                                                      \
-    if (can_stream(out, stream)) return combine_blocks<true>(out, token, position, segment, scale, dim);            \
-    combine_blocks<false>(out, token, position, segment, scale, dim);                                                \
-  }                                                                                                                   \
+  EMBEDFAST_SIMD_COMBINE_ROWS(scalar_t, float)                                                                       \
   void scale_or_accumulate_rows(scalar_t* out, float* acc, const scalar_t* grad, float scale, int64_t dim,            \
                                 bool stream) {                                                                       \
     if (can_stream(out, stream)) return scale_or_accumulate_blocks<true>(out, acc, grad, scale, dim);               \
@@ -74,12 +77,10 @@ void store_side_blocks(scalar_t* out, const float* side, float scale, int64_t di
 EMBEDFAST_SIMD_ROW_LOOPS(float)
 EMBEDFAST_SIMD_ROW_LOOPS(c10::Half)
 EMBEDFAST_SIMD_ROW_LOOPS(c10::BFloat16)
+EMBEDFAST_SIMD_COMBINE_ROWS(c10::Half, c10::Half)
+EMBEDFAST_SIMD_COMBINE_ROWS(c10::BFloat16, c10::BFloat16)
 #undef EMBEDFAST_SIMD_ROW_LOOPS
-
-// whole blocks only (dim a multiple of Simd::kBlock): bfloat16 rows as float32 side rows
-void widen_blocks(float* out, const c10::BFloat16* row, int64_t dim) {
-  for (int64_t j = 0; j < dim; j += Simd::kBlock) Simd::store<false>(out + j, Simd::load(row + j));
-}
+#undef EMBEDFAST_SIMD_COMBINE_ROWS
 
 }  // namespace EMBEDFAST_SIMD_NAMESPACE
 }  // namespace embedfast
