@@ -219,8 +219,20 @@ int64_t nonnegative_int(const char* name, py::handle object) {
   return number;
 }
 
-// ids as the operator takes them: 1-D, contiguous
-at::Tensor flat(const at::Tensor& ids) { return ids.dim() == 1 && ids.is_contiguous() ? ids : ids.reshape(-1).contiguous(); }
+// ids as the operator takes them: 1-D, contiguous. A contiguous tensor's 1-D alias is made below autograd (ids have
+// no gradient, so the alias needs no view tracking, which costs more than the rest of a decode step's shaping) and
+// shares ids' version counter: the node's saved ids still see the caller change them in place.
+at::Tensor flat(const at::Tensor& ids) {
+  if (ids.dim() == 1 && ids.is_contiguous()) return ids;
+  if (!ids.is_contiguous()) return ids.reshape(-1).contiguous();
+  at::Tensor alias;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    alias = ids.view({ids.numel()});
+  }
+  alias.unsafeGetTensorImpl()->set_version_counter(ids.unsafeGetTensorImpl()->version_counter());
+  return alias;
+}
 
 // functional._flat_indices: broadcast to `shape`, one id per token
 at::Tensor flat_indices(const char* name, py::handle object, c10::IntArrayRef shape, const at::Tensor& weight) {
@@ -254,9 +266,12 @@ void common_index_dtype(ForwardArgs& args) {
                                        is_long(args.token_type_ids) || is_long(args.cu_seqlens)
                                    ? at::kLong
                                    : at::kInt;
-  args.input_ids = args.input_ids.to(dtype);
+  const auto convert = [dtype](at::Tensor& ids) {
+    if (ids.scalar_type() != dtype) ids = ids.to(dtype);
+  };
+  convert(args.input_ids);
   for (std::optional<at::Tensor>* ids : {&args.position_ids, &args.token_type_ids, &args.cu_seqlens}) {
-    if (ids->has_value()) **ids = (*ids)->to(dtype);
+    if (ids->has_value()) convert(**ids);
   }
 }
 

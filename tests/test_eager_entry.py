@@ -252,3 +252,14 @@ def test_the_comparison_reaches_both_paths(monkeypatch):
     python_shaping(monkeypatch)
     assert module(ids(1)).grad_fn.name() != NODE
     assert fused_input_embedding(ids(1), module.weight, backend="extension").grad_fn.name() != NODE
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 2)])
+def test_ids_changed_in_place_after_the_forward_fail_the_backward(shape):
+    """As with any saved tensor: the backward would otherwise read other ids than the forward did."""
+    module = make(sparse=False)
+    input_ids, token_type_ids = torch.ones(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    out = module(input_ids, token_type_ids)
+    token_type_ids.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
