@@ -8,13 +8,10 @@
 
 namespace embedfast {
 
-// The forward operator's result; differentiable (a C++ autograd node) when grad mode is on and a table needs a
-// gradient. `padding_idx`, `sparse`: spec.GradientOptions.
-at::Tensor fused_forward(const ForwardArgs& args, int64_t padding_idx, bool sparse);
-
 // functional.embed for the extension backend, built once per module plan: the call's constants (the fields of
 // functional.Settings) are fixed here, and a call shapes its inputs for the forward operator as embed does (the
-// same checks, exception types and messages), calls fused_forward and returns the (*input_ids.shape, D) result.
+// same checks, exception types and messages) and returns the operator's result as (*input_ids.shape, D),
+// differentiable (a C++ autograd node) when grad mode is on and a table needs a gradient.
 class EagerEmbedding {
  public:
   EagerEmbedding(int64_t position_mode, int64_t max_positions, double scale, double sinusoid_base, int64_t padding_idx,
@@ -30,7 +27,7 @@ class EagerEmbedding {
 
  private:
   ForwardArgs constants_;  // the settings' fields of the forward's arguments; no tensors
-  int64_t padding_idx_;
+  int64_t padding_idx_;  // spec.GradientOptions
   bool sparse_;
 };
 
