@@ -56,6 +56,7 @@ at::Tensor forward(const ForwardArgs& args, c10::IntArrayRef leading) {
   torch::jit::Stack stack = args.pack();
   forward_operator().callBoxed(stack);
   const at::Tensor out = stack[0].toTensor();
+  if (leading.size() == 1) return out;
   std::vector<int64_t> sizes(leading.begin(), leading.end());
   sizes.push_back(out.size(1));
   return out.view(sizes);

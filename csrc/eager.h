@@ -12,7 +12,8 @@ namespace embedfast {
 // functional.Settings) are fixed here, and a call shapes its inputs for the forward operator as embed does (the
 // same checks, exception types and messages) and returns the operator's result as (*input_ids.shape, D),
 // differentiable (a C++ autograd node) when grad mode is on and a table needs a gradient.
-class EagerEmbedding {
+// (hidden like the pybind11 types that bind it: gcc warns of a bound class more visible than its binding)
+class __attribute__((visibility("hidden"))) EagerEmbedding {
  public:
   EagerEmbedding(int64_t position_mode, int64_t max_positions, double scale, double sinusoid_base, int64_t padding_idx,
                  bool sparse, bool check_bounds, int64_t vocab_start, int64_t vocab_size);
