@@ -1,25 +1,45 @@
-// The extension backend's eager entry, embedfast._C.fused_forward: the forward operator and, when a table needs a
-// gradient, a C++ autograd node whose backward calls the backward operator. It computes what ops._backward
-// computes for the other backends (the sparse or dense token gradient, padding rows gathered away, the position
-// and segment gradients), without Python on the path: a call costs microseconds, not tens of them. ops.py
-// sends every other derivative mode (forward mode, torch.func, torch.compile) through its Python Functions.
+// The extension backend's eager entry, embedfast._C.EagerEmbedding: a call shaped for the forward operator in C++
+// (functional.embed's work), the forward operator and, when a table needs a gradient, a C++ autograd node whose
+// backward calls the backward operator. It computes what ops._backward computes for the other backends (the
+// sparse or dense token gradient, padding rows gathered away, the position and segment gradients), without Python
+// on the path: a call costs microseconds, not tens of them. functional.embed sends every other derivative mode
+// (forward mode, torch.func, torch.compile) through ops.call_forward's Python Functions.
 #include "eager.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
+#include <string>
+#include <type_traits>
+#include <vector>
 
 namespace embedfast {
 namespace {
 
-using torch::autograd::AutogradContext;
+namespace py = pybind11;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Calls an embedfast operator by its stack; below autograd unless a graph of the call is wanted (double backward
-// goes through the backward operator's registered derivative).
-torch::jit::Stack call(const char* name, torch::jit::Stack stack, bool record_autograd = false) {
-  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+const c10::OperatorHandle& forward_operator() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::forward_extension", "");
+  return op;
+}
+
+const c10::OperatorHandle& backward_operator() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::backward_extension", "");
+  return op;
+}
+
+// Calls an operator by its stack; below autograd unless a graph of the call is wanted (double backward goes
+// through the backward operator's registered derivative).
+torch::jit::Stack call(const c10::OperatorHandle& op, torch::jit::Stack stack, bool record_autograd) {
   if (record_autograd) {
     op.callBoxed(stack);
   } else {
@@ -29,104 +49,283 @@ torch::jit::Stack call(const char* name, torch::jit::Stack stack, bool record_au
   return stack;
 }
 
-at::Tensor forward(const ForwardArgs& args) { return call("embedfast::forward_extension", args.pack())[0].toTensor(); }
+// The forward operator's (num_tokens, D) result as (*leading, D): a fresh tensor that nobody else holds, so the
+// reshape is made below autograd (no view to track, no node of its own).
+at::Tensor forward(const ForwardArgs& args, c10::IntArrayRef leading) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  torch::jit::Stack stack = args.pack();
+  forward_operator().callBoxed(stack);
+  const at::Tensor out = stack[0].toTensor();
+  if (leading.size() == 1) return out;
+  std::vector<int64_t> sizes(leading.begin(), leading.end());
+  sizes.push_back(out.size(1));
+  return out.view(sizes);
+}
 
 at::Tensor sparse_gradient(const at::Tensor& indices, const at::Tensor& values, int64_t num_embeddings) {
   return at::_sparse_coo_tensor_unsafe(indices, values, {num_embeddings, values.size(1)});
 }
 
-// The tables are the Function's inputs 0-2 (weight, position_weight, segment_weight; those not given are not
-// variables), the forward's other arguments and the gradient options follow as plain values.
-struct FusedForward : public torch::autograd::Function<FusedForward> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& weight, const std::optional<at::Tensor>& position_weight,
-                            const std::optional<at::Tensor>& segment_weight, const ForwardArgs& args, int64_t padding_idx,
-                            bool sparse) {
-    (void)weight, (void)position_weight, (void)segment_weight;  // the same tensors as in args
-    ctx->saved_data["padding_idx"] = padding_idx;
-    ctx->saved_data["sparse"] = sparse;
-    ctx->saved_data["num_embeddings"] = args.weight.size(0);
-    ctx->saved_data["num_positions"] = args.position_weight.has_value() ? args.position_weight->size(0) : int64_t{0};
-    ctx->saved_data["num_segments"] = args.segment_weight.has_value() ? args.segment_weight->size(0) : int64_t{0};
-    ctx->saved_data["scale"] = args.scale;
-    ctx->saved_data["position_offset"] = args.position_offset;
-    ctx->saved_data["seq_len"] = args.seq_len;
-    ctx->saved_data["check_bounds"] = args.check_bounds;
-    ctx->saved_data["vocab_start"] = args.vocab_start;
-    ctx->saved_data["vocab_size"] = args.vocab_size;
-    ctx->saved_data["chunk_start"] = args.chunk_start;
-    ctx->saved_data["chunk_end"] = args.chunk_end;
-    const auto or_undefined = [](const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); };
-    ctx->save_for_backward(
-        {args.input_ids, or_undefined(args.position_ids), or_undefined(args.token_type_ids), or_undefined(args.cu_seqlens)});
-    return embedfast::forward(args);
+// The derivative of one call. Its edges are the tables (weight, position_weight, segment_weight); a table that was
+// not given or needs no gradient has an invalid edge and gets no gradient.
+struct FusedInputEmbeddingBackward : public torch::autograd::Node {
+  SavedVariable input_ids, position_ids, token_type_ids, cu_seqlens;  // undefined where not given
+  // the backward's arguments but the tensors and the token gradient; num_positions and num_segments are the
+  // tables' rows (0: no table)
+  BackwardArgs constants;
+  bool sparse = true;
+
+  std::string name() const override { return "FusedInputEmbeddingBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved : {&input_ids, &position_ids, &token_type_ids, &cu_seqlens}) saved->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto& saved = ctx->saved_data;
-    const int64_t num_positions = saved.at("num_positions").toInt(), num_segments = saved.at("num_segments").toInt();
-    const bool wants_weight = ctx->needs_input_grad(0);
-    const bool wants_positions = num_positions > 0 && ctx->needs_input_grad(1);
-    const bool wants_segments = num_segments > 0 && ctx->needs_input_grad(num_positions > 0 ? 2 : 1);
-    const bool sparse = saved.at("sparse").toBool();
-    const int64_t padding_idx = saved.at("padding_idx").toInt(), num_embeddings = saved.at("num_embeddings").toInt();
-    const double scale = saved.at("scale").toDouble();
-    const variable_list index_tensors = ctx->get_saved_variables();
-    const at::Tensor& input_ids = index_tensors[0];
-    const at::Tensor grad_out = grads[0].contiguous();
-    const int64_t vocab_start = saved.at("vocab_start").toInt(), vocab_size = saved.at("vocab_size").toInt();
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return variable_list(3);
+    const bool wants_weight = task_should_compute_output(0);
+    const bool wants_positions = constants.num_positions > 0 && task_should_compute_output(1);
+    const bool wants_segments = constants.num_segments > 0 && task_should_compute_output(2);
+    const at::Tensor ids = input_ids.unpack();
+    const at::Tensor grad_out = grads[0].reshape({ids.numel(), grads[0].size(-1)}).contiguous();
+    const int64_t padding_idx = constants.padding_idx, num_embeddings = constants.num_embeddings;
     // sparse with padding or of a shard: the rows kept are only known from the ids, so they are gathered here instead
-    const bool gather_rows = wants_weight && sparse && (padding_idx >= 0 || vocab_size > 0);
-    const TokenGrad token_grad = !wants_weight || gather_rows ? TokenGrad::kNone : sparse ? TokenGrad::kSparse : TokenGrad::kDense;
-    const auto optional_tensor = [&](size_t i) {
-      return index_tensors[i].defined() ? std::optional<at::Tensor>(index_tensors[i]) : std::optional<at::Tensor>();
-    };
-    BackwardArgs args;
+    const bool gather_rows = wants_weight && sparse && (padding_idx >= 0 || constants.vocab_size > 0);
+    BackwardArgs args = constants;
     args.grad_out = grad_out;
-    args.input_ids = input_ids;
-    args.num_embeddings = num_embeddings;
-    args.position_ids = optional_tensor(1);
-    args.token_type_ids = optional_tensor(2);
-    args.cu_seqlens = optional_tensor(3);
-    args.token_grad = token_grad;
-    args.padding_idx = padding_idx;
-    args.scale = scale;
-    args.num_positions = wants_positions ? num_positions : 0;
-    args.num_segments = wants_segments ? num_segments : 0;
-    args.position_offset = saved.at("position_offset").toInt();
-    args.seq_len = saved.at("seq_len").toInt();
-    args.check_bounds = saved.at("check_bounds").toBool();
-    args.vocab_start = vocab_start;
-    args.vocab_size = vocab_size;
-    args.chunk_start = saved.at("chunk_start").toInt();
-    args.chunk_end = saved.at("chunk_end").toInt();
-    const torch::jit::Stack result = call("embedfast::backward_extension", args.pack(), c10::GradMode::is_enabled());
+    args.input_ids = ids;
+    args.position_ids = optional(position_ids);
+    args.token_type_ids = optional(token_type_ids);
+    args.cu_seqlens = optional(cu_seqlens);
+    args.token_grad = !wants_weight || gather_rows ? TokenGrad::kNone : sparse ? TokenGrad::kSparse : TokenGrad::kDense;
+    args.num_positions = wants_positions ? constants.num_positions : 0;
+    args.num_segments = wants_segments ? constants.num_segments : 0;
+    const torch::jit::Stack result = call(backward_operator(), args.pack(), c10::GradMode::is_enabled());
 
     at::Tensor weight_grad;
     if (gather_rows) {
-      const at::Tensor rows = vocab_start == 0 ? input_ids.to(at::kLong) : input_ids.to(at::kLong) - vocab_start;
-      at::Tensor keep = input_ids.ne(padding_idx);
-      if (vocab_size > 0) keep.logical_and_(rows.ge(0)).logical_and_(rows.lt(num_embeddings));  // in the shard
-      weight_grad = sparse_gradient(rows.index({keep}).unsqueeze(0), grad_out.index({keep}).mul_(scale), num_embeddings);
-    } else if (token_grad == TokenGrad::kSparse) {  // indices copied: the gradient must not change when ids are reused
-      weight_grad = sparse_gradient(input_ids.to(at::kLong, false, /*copy=*/true).unsqueeze(0), result[0].toTensor(),
+      const int64_t vocab_start = constants.vocab_start;
+      const at::Tensor rows = vocab_start == 0 ? ids.to(at::kLong) : ids.to(at::kLong) - vocab_start;
+      at::Tensor keep = ids.ne(padding_idx);
+      if (constants.vocab_size > 0) keep.logical_and_(rows.ge(0)).logical_and_(rows.lt(num_embeddings));  // in the shard
+      weight_grad = sparse_gradient(rows.index({keep}).unsqueeze(0), grad_out.index({keep}).mul_(constants.scale),
                                     num_embeddings);
-    } else if (token_grad == TokenGrad::kDense) {
+    } else if (args.token_grad == TokenGrad::kSparse) {  // indices copied: the gradient must not change when ids are reused
+      weight_grad =
+          sparse_gradient(ids.to(at::kLong, false, /*copy=*/true).unsqueeze(0), result[0].toTensor(), num_embeddings);
+    } else if (args.token_grad == TokenGrad::kDense) {
       weight_grad = result[0].toTensor();
     }
     return {weight_grad, wants_positions ? result[1].toTensor() : at::Tensor(),
-            wants_segments ? result[2].toTensor() : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            wants_segments ? result[2].toTensor() : at::Tensor()};
+  }
+
+ private:
+  static std::optional<at::Tensor> optional(const SavedVariable& saved) {
+    at::Tensor tensor = saved.unpack();
+    return tensor.defined() ? std::optional<at::Tensor>(std::move(tensor)) : std::nullopt;
   }
 };
 
+// torch 2.14 holds autograd nodes by c10::intrusive_ptr, earlier releases by std::shared_ptr with a deleter that
+// frees long graphs without deep recursion
+template <typename T>
+void delete_node(T* node) {
+  deleteNode(node);  // found by argument-dependent lookup in torch::autograd, where releases before 2.14 declare it
+}
+
+template <typename T>
+auto make_node() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
+    return c10::make_intrusive<T>();
+  } else {
+    return std::shared_ptr<T>(new T(), delete_node<T>);
+  }
+}
+
+int64_t rows_of(const std::optional<at::Tensor>& table) { return table.has_value() ? table->size(0) : 0; }
+
+// The forward operator's result as (*leading, D); differentiable (the node above) when grad mode is on and a
+// table needs a gradient.
+at::Tensor fused_forward(const ForwardArgs& args, int64_t padding_idx, bool sparse, c10::IntArrayRef leading) {
+  if (!torch::autograd::compute_requires_grad(args.weight, args.position_weight, args.segment_weight)) {
+    return forward(args, leading);
+  }
+  auto node = make_node<FusedInputEmbeddingBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(args.weight, args.position_weight, args.segment_weight));
+  const auto save = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? SavedVariable(*t, /*is_output=*/false) : SavedVariable();
+  };
+  node->input_ids = SavedVariable(args.input_ids, /*is_output=*/false);
+  node->position_ids = save(args.position_ids);
+  node->token_type_ids = save(args.token_type_ids);
+  node->cu_seqlens = save(args.cu_seqlens);
+  BackwardArgs& constants = node->constants;
+  constants.num_embeddings = args.weight.size(0);
+  constants.padding_idx = padding_idx;
+  constants.scale = args.scale;
+  constants.num_positions = rows_of(args.position_weight);
+  constants.num_segments = rows_of(args.segment_weight);
+  constants.position_offset = args.position_offset;
+  constants.seq_len = args.seq_len;
+  constants.check_bounds = args.check_bounds;
+  constants.vocab_start = args.vocab_start;
+  constants.vocab_size = args.vocab_size;
+  constants.chunk_start = args.chunk_start;
+  constants.chunk_end = args.chunk_end;
+  node->sparse = sparse;
+  at::Tensor out = forward(args, leading);
+  torch::autograd::set_history(out, node);
+  return out;
+}
+
+// --- the call's shaping: functional.embed's checks and messages, in the same order (tests/test_eager_entry.py
+// compares the two paths' exceptions) ---
+
+std::string python_shape(c10::IntArrayRef sizes) {  // tuple(shape)
+  std::string text = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + (sizes.size() == 1 ? ",)" : ")");
+}
+
+std::string python_dtype(const at::Tensor& t) { return "torch." + std::string(c10::getDtypeNames(t.scalar_type()).first); }
+
+std::string type_name(py::handle object) { return py::str(py::type::handle_of(object).attr("__name__")); }
+
+std::string python_repr(py::handle object) { return py::repr(object); }
+
+// validation.check_index_tensor
+const at::Tensor& index_tensor(const char* name, py::handle object) {
+  TORCH_CHECK_TYPE(THPVariable_Check(object.ptr()), name, " must be a torch.Tensor, got ", type_name(object));
+  const at::Tensor& ids = THPVariable_Unpack(object.ptr());
+  TORCH_CHECK_TYPE(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, name,
+                   " must be int32 or int64, got dtype ", python_dtype(ids));
+  return ids;
+}
+
+// validation.check_same_device
+void check_same_device(const char* name, const at::Tensor& tensor, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(tensor.device() == weight.device(), name, " is on ", tensor.device(), ", but weight is on ",
+                    weight.device());
+}
+
+// validation.check_nonnegative_int (made for every call: embed skips it for zeros only to save Python time)
+int64_t nonnegative_int(const char* name, py::handle object) {
+  PyObject* value = object.ptr();
+  int overflow = 0;  // 1: above int64's range, -1: below it
+  const int64_t number = PyLong_Check(value) && !PyBool_Check(value) ? PyLong_AsLongLongAndOverflow(value, &overflow) : -1;
+  TORCH_CHECK_VALUE(overflow > 0 || number >= 0, name, " must be an int >= 0, got ", python_repr(object));
+  TORCH_CHECK_VALUE(overflow == 0, name, " must fit in int64, got ", python_repr(object));
+  return number;
+}
+
+// ids as the operator takes them: 1-D, contiguous. A contiguous tensor's 1-D alias is made below autograd (ids have
+// no gradient, so the alias needs no view tracking, which costs more than the rest of a decode step's shaping) and
+// shares ids' version counter: the node's saved ids still see the caller change them in place.
+at::Tensor flat(const at::Tensor& ids) {
+  if (ids.dim() == 1 && ids.is_contiguous()) return ids;
+  if (!ids.is_contiguous()) return ids.reshape(-1).contiguous();
+  at::Tensor alias;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    alias = ids.view({ids.numel()});
+  }
+  alias.unsafeGetTensorImpl()->set_version_counter(ids.unsafeGetTensorImpl()->version_counter());
+  return alias;
+}
+
+// functional._flat_indices: broadcast to `shape`, one id per token
+at::Tensor flat_indices(const char* name, py::handle object, c10::IntArrayRef shape, const at::Tensor& weight) {
+  const at::Tensor& ids = index_tensor(name, object);
+  check_same_device(name, ids, weight);
+  bool fits = ids.dim() <= static_cast<int64_t>(shape.size());  // validation.check_broadcastable
+  for (int64_t i = 1; fits && i <= ids.dim(); ++i) {
+    const int64_t size = ids.size(-i), full = shape[shape.size() - i];
+    fits = size == 1 || size == full;
+  }
+  TORCH_CHECK_VALUE(fits, name, " has shape ", python_shape(ids.sizes()), ", which does not broadcast to input_ids' shape ",
+                    python_shape(shape));
+  return flat(ids.sizes() == shape ? ids : ids.expand(shape));
+}
+
+// functional._boundaries
+at::Tensor boundaries(py::handle object, int64_t past_length, const at::Tensor& weight) {
+  const at::Tensor& cu_seqlens = index_tensor("cu_seqlens", object);
+  check_same_device("cu_seqlens", cu_seqlens, weight);
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1, "cu_seqlens must be 1-D ([0, l1, l1 + l2, ..., N]), got shape ",
+                    python_shape(cu_seqlens.sizes()));
+  TORCH_CHECK_VALUE(past_length == 0, "cu_seqlens was given with past_length=", past_length,
+                    ": packed documents start at position_offset");
+  return cu_seqlens.contiguous();
+}
+
+// functional._common_index_dtype: int64 if any index tensor is, else int32
+void common_index_dtype(ForwardArgs& args) {
+  const auto is_long = [](const std::optional<at::Tensor>& ids) { return ids.has_value() && ids->scalar_type() == at::kLong; };
+  const at::ScalarType dtype = args.input_ids.scalar_type() == at::kLong || is_long(args.position_ids) ||
+                                       is_long(args.token_type_ids) || is_long(args.cu_seqlens)
+                                   ? at::kLong
+                                   : at::kInt;
+  const auto convert = [dtype](at::Tensor& ids) {
+    if (ids.scalar_type() != dtype) ids = ids.to(dtype);
+  };
+  convert(args.input_ids);
+  for (std::optional<at::Tensor>* ids : {&args.position_ids, &args.token_type_ids, &args.cu_seqlens}) {
+    if (ids->has_value()) convert(**ids);
+  }
+}
+
 }  // namespace
 
-at::Tensor fused_forward(const ForwardArgs& args, int64_t padding_idx, bool sparse) {
-  const auto needs_grad = [](const std::optional<at::Tensor>& table) { return table.has_value() && table->requires_grad(); };
-  if (!c10::GradMode::is_enabled() || !(args.weight.requires_grad() || needs_grad(args.position_weight) ||
-                                        needs_grad(args.segment_weight))) {
-    return forward(args);
+EagerEmbedding::EagerEmbedding(int64_t position_mode, int64_t max_positions, double scale, double sinusoid_base,
+                               int64_t padding_idx, bool sparse, bool check_bounds, int64_t vocab_start,
+                               int64_t vocab_size)
+    : padding_idx_(padding_idx), sparse_(sparse) {
+  constants_.position_mode = static_cast<PositionMode>(position_mode);  // checked by the operator
+  constants_.max_positions = max_positions;
+  constants_.scale = scale;
+  constants_.sinusoid_base = sinusoid_base;
+  constants_.check_bounds = check_bounds;
+  constants_.vocab_start = vocab_start;
+  constants_.vocab_size = vocab_size;
+}
+
+at::Tensor EagerEmbedding::operator()(py::handle input_ids, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& position_weight,
+                                      const std::optional<at::Tensor>& segment_weight, py::handle token_type_ids,
+                                      py::handle position_ids, py::handle past_length, py::handle cu_seqlens,
+                                      py::handle position_offset, int64_t chunk_start, int64_t chunk_end) const {
+  const at::Tensor& ids = index_tensor("input_ids", input_ids);
+  check_same_device("input_ids", ids, weight);
+  const int64_t past = nonnegative_int("past_length", past_length);
+  const int64_t offset = nonnegative_int("position_offset", position_offset);
+  const c10::IntArrayRef shape = ids.sizes();
+  ForwardArgs args = constants_;
+  if (!position_ids.is_none()) {
+    TORCH_CHECK_VALUE(constants_.position_mode != PositionMode::kNone, "position_ids were given, but position='none'");
+    TORCH_CHECK_VALUE(offset == 0 && cu_seqlens.is_none(),
+                      "position_ids were given with position_offset or cu_seqlens: position_ids are the positions");
+    args.position_ids = flat_indices("position_ids", position_ids, shape, weight);
   }
-  return FusedForward::apply(args.weight, args.position_weight, args.segment_weight, args, padding_idx, sparse);
+  if (!cu_seqlens.is_none()) args.cu_seqlens = boundaries(cu_seqlens, past, weight);
+  if (!token_type_ids.is_none()) {
+    TORCH_CHECK_VALUE(segment_weight.has_value(),
+                      "token_type_ids were given, but there is no segment table (num_segments=0)");
+    args.token_type_ids = flat_indices("token_type_ids", token_type_ids, shape, weight);
+  }
+  args.input_ids = flat(ids);
+  if (args.position_ids.has_value() || args.token_type_ids.has_value() || args.cu_seqlens.has_value()) {
+    common_index_dtype(args);
+  }
+  args.weight = weight;
+  args.position_weight = position_weight;
+  args.segment_weight = segment_weight;
+  args.position_offset = past + offset;
+  args.seq_len = shape.empty() ? 1 : shape.back();
+  args.chunk_start = chunk_start;
+  args.chunk_end = chunk_end;
+  return fused_forward(args, padding_idx_, sparse_, shape);
 }
 
 }  // namespace embedfast

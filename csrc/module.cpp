@@ -1,42 +1,22 @@
 // The Python module embedfast._C. The operator schemas are declared in embedfast/ops.py; loading this library
 // registers the CPU (and CUDA) kernels of embedfast::forward_extension / backward_extension, and binds the
-// extension backend's eager entry, fused_forward (eager.h): the forward's arguments in schema order, then the
-// gradient options (spec.GradientOptions), positionally.
+// extension backend's eager entry, EagerEmbedding (eager.h): built from the fields of functional.Settings (by
+// keyword), called with functional.embed's arguments after the backend and settings.
 #include <torch/extension.h>
 
 #include "eager.h"
-#include "embedfast/spec.h"
-
-namespace embedfast {
-namespace {
-
-// at the Python boundary an enum is the int of the schema
-template <typename T>
-struct Boundary {
-  using type = T;
-  static T from(T value) { return value; }
-};
-template <>
-struct Boundary<PositionMode> {
-  using type = int64_t;
-  static PositionMode from(int64_t value) { return static_cast<PositionMode>(value); }  // checked by the operator
-};
-
-#define EMBEDFAST_PARAMETER(T, name) typename Boundary<T>::type name,
-#define EMBEDFAST_ASSIGN(T, name) args.name = Boundary<T>::from(name);
-at::Tensor fused_forward_entry(EMBEDFAST_FORWARD_ARGUMENTS(EMBEDFAST_PARAMETER) int64_t padding_idx, bool sparse) {
-  ForwardArgs args;
-  EMBEDFAST_FORWARD_ARGUMENTS(EMBEDFAST_ASSIGN)
-  return fused_forward(args, padding_idx, sparse);
-}
-#undef EMBEDFAST_ASSIGN
-#undef EMBEDFAST_PARAMETER
-
-}  // namespace
-}  // namespace embedfast
 
 PYBIND11_MODULE(_C, m) {
+  namespace py = pybind11;
+  using embedfast::EagerEmbedding;
   m.doc() = "embedfast kernels (registered with torch.library) and the extension backend's eager entry";
-  m.def("fused_forward", &embedfast::fused_forward_entry,
-        "the forward operator, differentiable in reverse mode (see csrc/eager.h)");
+  py::class_<EagerEmbedding>(m, "EagerEmbedding",
+                             "functional.embed for the extension backend, differentiable in reverse mode (csrc/eager.h)")
+      .def(py::init<int64_t, int64_t, double, double, int64_t, bool, bool, int64_t, int64_t>(), py::arg("position_mode"),
+           py::arg("max_positions"), py::arg("scale"), py::arg("sinusoid_base"), py::arg("padding_idx"),
+           py::arg("sparse"), py::arg("check_bounds"), py::arg("vocab_start"), py::arg("vocab_size"))
+      .def("__call__", &EagerEmbedding::operator(), py::arg("input_ids"), py::arg("weight"),
+           py::arg("position_weight"), py::arg("segment_weight"), py::arg("token_type_ids"), py::arg("position_ids"),
+           py::arg("past_length"), py::arg("cu_seqlens"), py::arg("position_offset"), py::arg("chunk_start") = 0,
+           py::arg("chunk_end") = -1);
 }

@@ -39,7 +39,7 @@ def _load_failure(backend: str) -> str | None:
         except (ImportError, OSError) as error:
             return f"{_BROKEN_EXTENSION} ({error}); {REBUILD_HINT}"
         ops.register_fake_and_autograd("extension")
-        ops.register_eager_entry("extension", extension.fused_forward)
+        ops.register_eager_entry("extension", extension.EagerEmbedding)
     elif backend == "triton":
         try:
             importlib.import_module("embedfast.triton_kernels")

@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from .backends import resolve_backend
-from .ops import call_forward
+from .ops import call_forward, eager_entry, eager_entry_allowed
 from .spec import PositionMode, position_mode
 from .validation import (
     check_broadcastable,
@@ -121,7 +121,19 @@ def embed(backend: str, settings: Settings, input_ids: torch.Tensor, weight: tor
     """The call itself, once the (contiguous) tables and settings are known good: what depends on the inputs is
     shaped here and checked by the operator (``op_checks.py``, ``checks.h``); the module calls this directly.
     ``chunk``: the columns ``[start, end)`` of the last dim (-1: to its end) that get the position and segment
-    terms (``spec.py``)."""
+    terms (``spec.py``). A backend's eager entry, where allowed, does all of it instead (the extension's in C++,
+    ``csrc/eager.cpp``, with the same checks and messages)."""
+    entry = eager_entry(backend, settings) if eager_entry_allowed() else None
+    if entry is not None:
+        return entry(input_ids, weight, position_weight, segment_weight, token_type_ids, position_ids, past_length,
+                     cu_seqlens, position_offset, *chunk)
+    return _embed_in_python(backend, settings, input_ids, weight, position_weight, segment_weight, token_type_ids,
+                            position_ids, past_length, cu_seqlens, position_offset, chunk)
+
+
+def _embed_in_python(backend, settings, input_ids, weight, position_weight, segment_weight, token_type_ids, position_ids,
+                     past_length, cu_seqlens, position_offset, chunk) -> torch.Tensor:
+    """``embed`` through ``ops.call_forward``: every backend, every derivative mode."""
     check_index_tensor("input_ids", input_ids)
     check_same_device("input_ids", input_ids, weight)
     if past_length or position_offset:  # (0 needs no check)

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from .backends import check_backend_name, resolve_backend
 from .functional import Settings, embed, fused_input_embedding, resolve_settings
+from .ops import eager_entry, eager_entry_allowed
 from .validation import check_nonnegative_int, check_position_settings, check_positive_int, normalize_padding_idx, resolve_scale
+
+
+class _Plan(NamedTuple):
+    """What a module's call needs besides its inputs."""
+
+    device: torch.device  # the tables' device
+    backend: str
+    settings: Settings
+    entry: object | None  # the backend's eager entry (ops.eager_entry), where the module may call it
 
 
 class FusedInputEmbedding(nn.Module):
@@ -81,25 +93,37 @@ class FusedInputEmbedding(nn.Module):
         self.position_weight = nn.Parameter(torch.empty(max_positions, embedding_dim, **factory)) if learned else None
         self.reset_parameters()
 
-    # the attributes a call's settings and backend come from: setting one makes the next call resolve them again
-    _PLAN_ATTRIBUTES = frozenset({"weight", "position_weight", "position", "max_positions", "sinusoid_layout",
-                                  "sinusoid_base", "embed_scale", "padding_idx", "sparse", "check_bounds", "backend"})
+    # the attributes a call's plan comes from: setting or deleting one makes the next call resolve it again
+    _PLAN_ATTRIBUTES = frozenset({"weight", "position_weight", "segment_weight", "position", "max_positions",
+                                  "sinusoid_layout", "sinusoid_base", "embed_scale", "padding_idx", "sparse",
+                                  "check_bounds", "backend"})
+    _TABLES = ("weight", "position_weight", "segment_weight")
 
     def __setattr__(self, name: str, value) -> None:
         if name in self._PLAN_ATTRIBUTES:
             self.__dict__["_plan"] = None
         super().__setattr__(name, value)
 
-    def _call_plan(self) -> tuple[torch.device, str, Settings]:
-        """(device, backend, settings) of the next call, resolved once and kept until an attribute they come from
-        changes or the tables move to another device: a decode step pays for none of it."""
+    def __delattr__(self, name: str) -> None:  # (torch.nn.utils.parametrize deletes a table before replacing it)
+        if name in self._PLAN_ATTRIBUTES:
+            self.__dict__["_plan"] = None
+        super().__delattr__(name)
+
+    def _call_plan(self) -> _Plan:
+        """The next call's plan, resolved once and kept until an attribute it comes from changes or the tables move
+        to another device: a decode step pays for none of it."""
         plan = self.__dict__.get("_plan")
-        device = self.weight.device
-        if plan is None or plan[0] != device:
+        weight = self._parameters.get("weight")
+        device = (self.weight if weight is None else weight).device
+        if plan is None or plan.device != device:
             settings = resolve_settings(self.weight, self.position, self.position_weight, self.max_positions,
                                         self.sinusoid_layout, self.sinusoid_base, self.embed_scale, self.padding_idx,
                                         self.sparse, self.check_bounds)
-            plan = self.__dict__["_plan"] = (device, resolve_backend(self.backend, device), settings)
+            backend = resolve_backend(self.backend, device)
+            # the entry is handed the tables straight from _parameters: only where they all live there
+            plain_tables = all(name in self._parameters or getattr(self, name) is None for name in self._TABLES)
+            plan = self.__dict__["_plan"] = _Plan(device, backend, settings,
+                                                  eager_entry(backend, settings) if plain_tables else None)
         return plan
 
     def reset_parameters(self) -> None:
@@ -128,8 +152,12 @@ class FusedInputEmbedding(nn.Module):
         ``position_offset`` (see ``fused_input_embedding``).
         """
         if not torch.compiler.is_compiling():
-            _, backend, settings = self._call_plan()
-            return embed(backend, settings, input_ids, self.weight, self.position_weight, self.segment_weight,
+            plan = self._call_plan()
+            if plan.entry is not None and eager_entry_allowed():  # (nn.Module.__getattr__ costs a microsecond a table)
+                tables = self._parameters
+                return plan.entry(input_ids, tables["weight"], tables.get("position_weight"), tables.get("segment_weight"),
+                                  token_type_ids, position_ids, past_length, cu_seqlens, position_offset)
+            return embed(plan.backend, plan.settings, input_ids, self.weight, self.position_weight, self.segment_weight,
                          token_type_ids, position_ids, past_length, cu_seqlens, position_offset)
         return fused_input_embedding(
             input_ids,

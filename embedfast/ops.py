@@ -14,6 +14,9 @@ AOT autograd traces this operator's).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -64,13 +67,29 @@ def register_fake_and_autograd(backend: str) -> None:
 
 
 _FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
-# backends whose eager entry takes (*ForwardInputs, *GradientOptions) and differentiates in reverse mode itself
-_EAGER_ENTRIES: dict[str, object] = {}
+# backends with an eager entry of their own: a class built from a call's settings, then called as functional.embed
+# is after its backend and settings, differentiable in reverse mode (the extension's C++ shaping and autograd node)
+_EAGER_ENTRIES: dict[str, type] = {}
 
 
-def register_eager_entry(backend: str, entry) -> None:
-    """``entry(*inputs, *options)``: the forward, differentiable in reverse mode (the extension's C++ autograd)."""
-    _EAGER_ENTRIES[backend] = entry
+def register_eager_entry(backend: str, entry_class: type) -> None:
+    """``entry_class(**fields of functional.Settings)(input_ids, weight, ..., position_offset, *chunk)``."""
+    _EAGER_ENTRIES[backend] = entry_class
+    eager_entry.cache_clear()
+
+
+@functools.lru_cache(maxsize=256)
+def eager_entry(backend: str, settings) -> object | None:
+    """The backend's eager entry for ``settings`` (a ``functional.Settings``), or None if it has none; built once."""
+    entry_class = _EAGER_ENTRIES.get(backend)
+    return None if entry_class is None else entry_class(**dataclasses.asdict(settings))
+
+
+def eager_entry_allowed() -> bool:
+    """Whether a call may take a backend's eager entry: not while ``torch.compile`` traces, nor under forward mode
+    or ``torch.func``, which go through ``call_forward``."""
+    return not (torch.compiler.is_compiling() or torch.autograd.forward_ad._current_level >= 0
+                or torch._C._are_functorch_transforms_active())
 
 
 def call_forward(backend: str, *arguments) -> torch.Tensor:
@@ -78,10 +97,10 @@ def call_forward(backend: str, *arguments) -> torch.Tensor:
     every mode PyTorch has: reverse (also twice), forward mode and ``torch.func`` (``grad``, ``jvp``, ``jacfwd``,
     ``jacrev``, ``vmap``).
 
-    Eagerly, a backend's own entry where it has one (the extension: its C++ autograd node, a few microseconds a
-    call); else the ``autograd.Function`` whenever a derivative may be asked for, otherwise (inference) the
-    operator itself, which skips the Function's per-call cost (it binds its arguments by signature, ~0.1 ms).
-    Forward mode and ``torch.func`` always take the ``autograd.Function``.
+    Eagerly, the ``autograd.Function`` whenever a derivative may be asked for, otherwise (inference) the operator
+    itself, which skips the Function's per-call cost (it binds its arguments by signature, ~0.1 ms). Forward mode
+    and ``torch.func`` always take the ``autograd.Function``. (``functional.embed`` calls a backend's eager entry
+    instead where one is allowed: see ``eager_entry``.)
     While ``torch.compile`` traces, ``differentiable_forward`` when a gradient is wanted (reverse mode; compiled
     graphs have no forward mode), else the operator itself (Inductor then sees the Triton kernels).
     """
@@ -90,8 +109,6 @@ def call_forward(backend: str, *arguments) -> torch.Tensor:
             return getattr(torch.ops.embedfast, f"differentiable_forward_{backend}")(*arguments)
     elif torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
         return _FUNCTIONS[backend].apply(*arguments)
-    elif backend in _EAGER_ENTRIES:
-        return _EAGER_ENTRIES[backend](*arguments)
     elif _reverse_mode(arguments):
         return _FUNCTIONS[backend].apply(*arguments)
     return getattr(torch.ops.embedfast, f"forward_{backend}")(*arguments[:_NUM_FORWARD])

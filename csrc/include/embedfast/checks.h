@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "embedfast/spec.h"
 
@@ -14,6 +15,27 @@ namespace embedfast {
 namespace detail {
 
 inline auto dtype_name(const at::Tensor& t) { return c10::getDtypeNames(t.scalar_type()).first; }
+
+// Below this many ids a CPU tensor's extremes are read by one loop over its values: a decode-sized call then makes
+// no operator call of its own; above it aminmax's parallel reduction is faster.
+constexpr int64_t kLoopedExtremesLimit = int64_t{1} << 16;
+
+// (min, max) of int32/int64 ids, read back to the host
+inline std::pair<int64_t, int64_t> index_extremes(const at::Tensor& ids) {
+  if (ids.is_cpu() && ids.is_contiguous() && ids.numel() <= kLoopedExtremesLimit) {
+    return AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "embedfast_index_extremes", [&] {
+      const index_t* values = ids.const_data_ptr<index_t>();
+      index_t low = values[0], high = values[0];
+      for (int64_t i = 1; i < ids.numel(); ++i) {
+        low = std::min(low, values[i]);
+        high = std::max(high, values[i]);
+      }
+      return std::pair<int64_t, int64_t>(low, high);
+    });
+  }
+  const auto [low, high] = at::aminmax(ids);
+  return {low.item<int64_t>(), high.item<int64_t>()};
+}
 
 // Every id must lie in [0, bound) (bound <= 0: no upper bound). `exact`: read the values back and raise
 // IndexError naming the bad one (on CUDA a host synchronization). Otherwise a device-side assertion: no
@@ -26,8 +48,7 @@ inline void check_index_range(const at::Tensor& ids, const char* name, int64_t b
     at::_assert_async(valid.all(), std::string(name) + " contains an index out of range (check_bounds=False)");
     return;
   }
-  const auto [low_tensor, high_tensor] = at::aminmax(ids);
-  const int64_t low = low_tensor.item<int64_t>(), high = high_tensor.item<int64_t>();
+  const auto [low, high] = index_extremes(ids);
   TORCH_CHECK_INDEX(low >= 0, name, " contains ", low, ": indices must be >= 0");
   TORCH_CHECK_INDEX(bound <= 0 || high < bound, name, " contains ", high, ", out of range for a table of ", bound,
                     " rows (valid: 0..", bound - 1, ")");
