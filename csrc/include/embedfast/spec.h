@@ -90,7 +90,7 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == 
   X(int64_t, chunk_start)                      \
   X(int64_t, chunk_end)
 
-// What only the derivative needs (spec.GradientOptions): the eager entry takes it after the forward's arguments.
+// What only the derivative needs (spec.GradientOptions): the eager entry (eager.cpp) is built with it.
 #define EMBEDFAST_GRADIENT_ARGUMENTS(X) \
   X(int64_t, padding_idx)               \
   X(bool, sparse)
