@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from .spec import INDEX_DTYPES, BackwardInputs, ForwardInputs, PositionMode, TokenGrad
+from .spec import INDEX_DTYPES, BackwardInputs, ForwardInputs, NormBackwardInputs, NormInputs, NormMode, PositionMode, TokenGrad
 
 
 def _dtype(t: torch.Tensor) -> str:
@@ -208,3 +208,51 @@ def check_backward(inputs: BackwardInputs) -> TokenGrad:
     if inputs.num_segments > 0 and inputs.token_type_ids is not None:
         check_index_range("token_type_ids", inputs.token_type_ids, inputs.num_segments, exact)
     return token_grad
+
+
+def _check_norm_parameter(name: str, parameter: torch.Tensor | None, weight: torch.Tensor) -> None:
+    if parameter is None:
+        return
+    _check(parameter.dim() == 1 and parameter.is_contiguous() and parameter.shape[0] == weight.shape[1], ValueError,
+           f"{name} must be a contiguous ({weight.shape[1]},) vector (embedding_dim), got shape {list(parameter.shape)}")
+    _check(parameter.dtype == weight.dtype, TypeError, f"{name} has dtype {_dtype(parameter)}, but weight has {_dtype(weight)}")
+    _check(parameter.device == weight.device, ValueError, f"{name} is on {parameter.device}, but weight is on {weight.device}")
+
+
+def check_norm(inputs: ForwardInputs, norm: NormInputs) -> NormMode:
+    """The norm operators' checks of their epilogue (those of ``check_norm_args`` in checks.h); the norm mode."""
+    weight = inputs.weight
+    _check(norm.norm_mode in NormMode.__members__.values(), ValueError,
+           f"norm_mode must be {_choices(NormMode)}, got {norm.norm_mode}")
+    mode = NormMode(norm.norm_mode)
+    _check(mode != NormMode.NONE or (norm.norm_weight is None and norm.norm_bias is None), ValueError,
+           f"norm_weight and norm_bias need a norm, but norm_mode is {mode.value} (none)")
+    _check(mode != NormMode.RMSNORM or norm.norm_bias is None, ValueError,
+           f"norm_bias was given, but norm_mode is {mode.value} (rmsnorm), which has no bias")
+    _check_norm_parameter("norm_weight", norm.norm_weight, weight)
+    _check_norm_parameter("norm_bias", norm.norm_bias, weight)
+    _check(norm.norm_eps >= 0, ValueError, f"norm_eps must be >= 0, got {norm.norm_eps}")
+    _check(0 <= norm.dropout_p < 1, ValueError, f"dropout_p must be in [0, 1), got {norm.dropout_p}")
+    seed = norm.dropout_seed
+    if norm.dropout_p > 0:
+        _check(seed is not None, ValueError, "dropout_p > 0 needs dropout_seed (a 1-element int64 tensor)")
+    if seed is not None:
+        _check(seed.dtype == torch.int64 and seed.numel() == 1, TypeError,
+               f"dropout_seed must be a 1-element int64 tensor, got dtype {_dtype(seed)} and shape {list(seed.shape)}")
+        _check(seed.device == weight.device, ValueError, f"dropout_seed is on {seed.device}, but weight is on {weight.device}")
+    return mode
+
+
+def check_norm_backward(inputs: NormBackwardInputs) -> None:
+    """``grad_out`` and ``stats`` fit the tokens (the rest is checked as the norm forward's inputs)."""
+    weight, num_tokens = inputs.weight, inputs.input_ids.numel()
+    dim = weight.shape[1] if weight.dim() == 2 else -1
+    _check(inputs.grad_out.shape == (num_tokens, dim) and inputs.grad_out.is_contiguous(), ValueError,
+           f"grad_out must be a contiguous ({num_tokens}, {dim}) tensor, got shape {list(inputs.grad_out.shape)}")
+    _check(inputs.grad_out.dtype == weight.dtype, TypeError,
+           f"grad_out has dtype {_dtype(inputs.grad_out)}, but weight has {_dtype(weight)}")
+    stats_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    stats_name = str(stats_dtype).removeprefix("torch.")
+    _check(inputs.stats.shape == (num_tokens, 2) and inputs.stats.is_contiguous() and inputs.stats.dtype == stats_dtype,
+           ValueError, f"stats must be a contiguous ({num_tokens}, 2) {stats_name} tensor "
+           f"(the norm forward's), got shape {list(inputs.stats.shape)} and dtype {_dtype(inputs.stats)}")

@@ -33,8 +33,9 @@ def op_name(kind: str, backend: str) -> str:
 
 
 def define_ops(backend: str) -> None:
-    """Declare ``forward_<backend>`` and ``backward_<backend>``; the backend then registers kernels."""
-    for kind in ("forward", "backward"):
+    """Declare the backend's operators (``forward_<backend>``, ``backward_<backend>``, ``norm_forward_<backend>``,
+    ``norm_backward_<backend>``); the backend then registers kernels."""
+    for kind in ("forward", "backward", "norm_forward", "norm_backward"):
         torch.library.define(op_name(kind, backend), schema(kind))
 
 

@@ -14,9 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .op_checks import check_backward, check_forward
+from .dropout import keep_mask
+from .op_checks import check_backward, check_forward, check_norm, check_norm_backward
 from .positions import chunk_tokens, sinusoid_values, token_positions
-from .spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad, compute_dtype
+from .spec import (BackwardInputs, ForwardInputs, NormBackwardInputs, NormInputs, NormMode, PositionMode, TokenGrad,
+                   compute_dtype, dropout_threshold)
+
+_NUM_FORWARD = len(ForwardInputs._fields)
 
 
 def unfused_input_embedding(
@@ -43,7 +47,11 @@ def unfused_input_embedding(
 def reference_forward(*inputs) -> torch.Tensor:
     """Reference implementation of ``embedfast::forward_*`` (flattened tokens, see ``spec.py``)."""
     args = ForwardInputs(*inputs)
-    mode = check_forward(args)
+    return _reference_sum(args, check_forward(args)).to(args.weight.dtype)
+
+
+def _reference_sum(args: ForwardInputs, mode: PositionMode) -> torch.Tensor:
+    """The forward's sum in the compute dtype, before its rounding."""
     input_ids, weight = args.input_ids, args.weight
     math_dtype = compute_dtype(weight.dtype)
     num_tokens, dim = input_ids.shape[0], weight.shape[1]
@@ -82,7 +90,7 @@ def reference_forward(*inputs) -> torch.Tensor:
         segment_weight=segment_weight,
         token_type_ids=token_type_ids,
     )
-    return out.to(weight.dtype)
+    return out
 
 
 def _zero_row_outside(table: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,3 +128,58 @@ def reference_backward(*inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         segments = args.token_type_ids.long() if args.token_type_ids is not None else torch.zeros_like(ids)
         segment_grad.index_add_(0, segments[side], grad[side])
     return weight_grad, position_grad.to(dtype), segment_grad.to(dtype)
+
+
+def reference_norm_forward(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference implementation of ``embedfast::norm_forward_*``: ``dropout(norm(sum))`` and each token's stats."""
+    args, norm = ForwardInputs(*inputs[:_NUM_FORWARD]), NormInputs(*inputs[_NUM_FORWARD:])
+    x = _reference_sum(args, check_forward(args))
+    mode = check_norm(args, norm)
+    stats = _norm_stats(x, mode, norm.norm_eps)
+    y = _normalized(x, stats) * _vector(norm.norm_weight, x, 1.0) + _vector(norm.norm_bias, x, 0.0)
+    return (_dropout(y, norm) if norm.dropout_p > 0 else y).to(args.weight.dtype), stats
+
+
+def reference_norm_backward(*inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference implementation of ``embedfast::norm_backward_*``: the sum's gradient and the norm's."""
+    args = NormBackwardInputs(*inputs)
+    forward, norm = ForwardInputs(*inputs[2:2 + _NUM_FORWARD]), NormInputs(*inputs[2 + _NUM_FORWARD:-1])
+    mode, dtype = check_norm(forward, norm), forward.weight.dtype
+    check_norm_backward(args)
+    dy = args.grad_out.to(compute_dtype(dtype))
+    if norm.dropout_p > 0:
+        dy = _dropout(dy, norm)
+    x_hat = _normalized(_reference_sum(forward, check_forward(forward)), args.stats)
+    if mode == NormMode.NONE:
+        grad_sum = dy
+    else:
+        g = dy * _vector(norm.norm_weight, dy, 1.0)
+        centred = g - g.mean(-1, keepdim=True) if mode == NormMode.LAYERNORM else g
+        grad_sum = args.stats[:, 1:] * (centred - x_hat * (g * x_hat).mean(-1, keepdim=True))
+    wanted = [args.norm_grads and t is not None for t in (norm.norm_weight, norm.norm_bias)]
+    weight_grad = (dy * x_hat).sum(0) if wanted[0] else dy.new_empty(0)
+    bias_grad = dy.sum(0) if wanted[1] else dy.new_empty(0)
+    return grad_sum.to(dtype), weight_grad.to(dtype), bias_grad.to(dtype)
+
+
+def _norm_stats(x: torch.Tensor, mode: NormMode, eps: float) -> torch.Tensor:
+    """Each token's (mean, rstd) as ``spec.py`` defines them."""
+    zeros = x.new_zeros(x.shape[0])
+    if mode == NormMode.NONE:
+        return torch.stack([zeros, torch.ones_like(zeros)], 1)
+    mean = x.mean(-1) if mode == NormMode.LAYERNORM else zeros
+    return torch.stack([mean, torch.rsqrt(((x - mean[:, None]) ** 2).mean(-1) + eps)], 1)
+
+
+def _normalized(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    return (x - stats[:, :1]) * stats[:, 1:]
+
+
+def _vector(parameter: torch.Tensor | None, like: torch.Tensor, missing: float) -> torch.Tensor | float:
+    return missing if parameter is None else parameter.to(like.dtype)
+
+
+def _dropout(values: torch.Tensor, norm: NormInputs) -> torch.Tensor:
+    """``values`` with the call's mask applied and the kept elements scaled by ``1 / (1 - p)``."""
+    keep = keep_mask(norm.dropout_seed, values.shape[0], values.shape[1], dropout_threshold(norm.dropout_p))
+    return torch.where(keep, values * (1.0 / (1.0 - norm.dropout_p)), 0.0)

@@ -29,6 +29,18 @@ backward: one pass over grad_out returns (token_grad, position_grad, segment_gra
   shard into them (padding_idx is an id of the whole vocabulary; SPARSE values stay per token); with a sequence
   chunk, only the chunk's tokens reach the position and segment gradients: the exact derivative of the forward
   with the same arguments.
+
+norm_forward (the forward's inputs, then ``NormInputs``) returns (out, stats): ``out = dropout(norm(x))`` for
+  ``x`` the forward's sum in the compute dtype, never rounded. ``stats`` (N, 2) in the compute dtype holds each
+  token's (mean, rstd): LAYERNORM ``mean(x)``, ``1 / sqrt(mean((x - mean)^2) + norm_eps)``; RMSNORM 0,
+  ``1 / sqrt(mean(x^2) + norm_eps)``; NONE 0, 1. ``norm_weight`` / ``norm_bias`` (D,) in the tables' dtype, each
+  optional (None: ones / zeros; RMSNORM takes no bias). Dropout, when ``dropout_p > 0``: element
+  ``e = n * D + d`` is kept when ``dropout_bits(seed, e) >= dropout_threshold(dropout_p)`` and then scaled by
+  ``1 / (1 - dropout_p)``; ``dropout_seed`` is a 1-element int64 tensor on the tables' device (``dropout.py``).
+norm_backward (grad_out, stats, the norm forward's inputs, norm_grads) returns (grad_sum, norm_weight_grad,
+  norm_bias_grad): ``grad_sum`` (N, D) in the tables' dtype, the gradient of the sum ``x`` (recomputed from the
+  tables, with the mask regenerated from the seed), to be fed to ``backward``; with ``norm_grads`` the (D,)
+  gradients of the norm_weight and norm_bias that were given, else (0,).
 """
 
 from __future__ import annotations
@@ -57,6 +69,14 @@ class TokenGrad(enum.IntEnum):
     DENSE = 2
 
 
+class NormMode(enum.IntEnum):
+    """What the norm operators apply to each token's sum before the dropout (their ``norm_mode`` argument)."""
+
+    NONE = 0
+    LAYERNORM = 1  # F.layer_norm over the last dim: (x - mean) * rstd * norm_weight + norm_bias
+    RMSNORM = 2  # torch.nn.RMSNorm: x * rstd * norm_weight, rstd = 1 / sqrt(mean(x^2) + eps)
+
+
 class CpuIsa(enum.IntEnum):
     """The instruction-set paths of the C++ CPU kernels, lowest first. The best one the CPU can run is taken
     once per process; the environment variable ``EMBEDFAST_CPU_ISA`` (a lower-case name) forces a lower one."""
@@ -69,6 +89,7 @@ class CpuIsa(enum.IntEnum):
 # the API's names: position= and sinusoid_layout= of the module and the functional form
 POSITION_ENCODINGS = ("sinusoidal", "learned", "none")
 SINUSOID_LAYOUTS = ("interleaved", "concat")
+NORMS = ("layernorm", "rmsnorm")  # norm= of the module and the functional form (or None)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -138,12 +159,26 @@ _BACKWARD = (
     Argument("chunk_start", "int", 0),
     Argument("chunk_end", "int", -1),
 )
+# the norm operators' epilogue: dropout(norm(sum)), applied per token in the same pass (see the module docstring)
+_NORM = (
+    Argument("norm_weight", "Tensor?", None),
+    Argument("norm_bias", "Tensor?", None),
+    Argument("norm_mode", "int", NormMode.NONE),
+    Argument("norm_eps", "float", 1e-5),
+    Argument("dropout_p", "float", 0.0),
+    Argument("dropout_seed", "Tensor?", None),
+)
+_NORM_BACKWARD = ((Argument("grad_out", "Tensor"), Argument("stats", "Tensor")) + _FORWARD + _NORM
+                  + (Argument("norm_grads", "bool", False),))
 # what only the derivative needs: the autograd.Function takes it after the forward's inputs
 _GRADIENT = (Argument("padding_idx", "int", -1), Argument("sparse", "bool", False))
 
 # differentiable_forward: the forward under torch.compile, with what its derivative needs (see ops.py)
 OPERATORS = {"forward": (_FORWARD, "Tensor"), "backward": (_BACKWARD, "(Tensor, Tensor, Tensor)"),
-             "differentiable_forward": (_FORWARD + _GRADIENT, "Tensor")}
+             "differentiable_forward": (_FORWARD + _GRADIENT, "Tensor"),
+             "norm_forward": (_FORWARD + _NORM, "(Tensor, Tensor)"),
+             "norm_backward": (_NORM_BACKWARD, "(Tensor, Tensor, Tensor)"),
+             "differentiable_norm_forward": (_FORWARD + _NORM + _GRADIENT, "(Tensor, Tensor)")}
 
 
 def _inputs_type(name: str, arguments: tuple[Argument, ...]) -> type:
@@ -155,6 +190,13 @@ def _inputs_type(name: str, arguments: tuple[Argument, ...]) -> type:
 ForwardInputs = _inputs_type("ForwardInputs", _FORWARD)
 BackwardInputs = _inputs_type("BackwardInputs", _BACKWARD)
 GradientOptions = _inputs_type("GradientOptions", _GRADIENT)
+NormInputs = _inputs_type("NormInputs", _NORM)
+NormBackwardInputs = _inputs_type("NormBackwardInputs", _NORM_BACKWARD)
+
+
+def dropout_threshold(p: float) -> int:
+    """A dropout element is dropped when its 32 random bits are below this (``kernel_math.h`` mirrors it)."""
+    return min(int(p * 4294967296.0), 4294967295)
 
 
 def schema(kind: str) -> str:
