@@ -7,12 +7,14 @@ import dataclasses
 import torch
 
 from .backends import resolve_backend
-from .ops import call_forward, eager_entry, eager_entry_allowed
-from .spec import PositionMode, position_mode
+from .dropout import draw_seed
+from .ops import call_forward, call_norm_forward, eager_entry, eager_entry_allowed
+from .spec import NormMode, PositionMode, position_mode
 from .validation import (
     check_broadcastable,
     check_index_tensor,
     check_nonnegative_int,
+    check_norm_settings,
     check_position_settings,
     check_same_device,
     check_table,
@@ -40,9 +42,14 @@ def fused_input_embedding(
     cu_seqlens: torch.Tensor | None = None,
     position_offset: int = 0,
     check_bounds: bool = True,
+    norm: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    norm_eps: float = 1e-5,
+    dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``weight[input_ids] * scale + P[position_ids] + segment_weight[token_type_ids]`` in one pass.
+    """``dropout(norm(weight[input_ids] * scale + P[position_ids] + segment_weight[token_type_ids]))`` in one pass.
 
     Args:
         input_ids: int32/int64 token ids of any shape ``(*)``.
@@ -72,6 +79,16 @@ def fused_input_embedding(
             device-side assertion (no synchronization; needed under CUDA-graph capture, where it is
             also what True falls back to); a bad id then stops the stream with a CUDA error. Ids are
             always checked: never an out-of-bounds read. On CPU the exact check is always made.
+        norm: None, ``"layernorm"`` (``F.layer_norm(x, (embedding_dim,), norm_weight, norm_bias, norm_eps)``) or
+            ``"rmsnorm"`` (``torch.nn.RMSNorm``'s formula with ``norm_weight``), applied to each token's sum.
+        norm_weight: optional ``(embedding_dim,)`` scale of the norm (None: ones), in the weight's dtype.
+        norm_bias: optional ``(embedding_dim,)`` shift of ``"layernorm"`` (None: zeros); ``"rmsnorm"`` has none.
+        norm_eps: the norm's epsilon.
+        dropout_p: when > 0, dropout after the norm (or after the sum without one): each element is zeroed with
+            probability ``dropout_p`` and the others scaled by ``1 / (1 - dropout_p)``. The mask comes from a seed
+            drawn from torch's default generator of the device (``torch.manual_seed`` reproduces it) and is
+            regenerated in the backward, never stored. With a norm or dropout the result is differentiable in
+            reverse mode only (once).
         backend: ``"auto"``, ``"extension"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -84,10 +101,41 @@ def fused_input_embedding(
     check_nonnegative_int("position_offset", position_offset)
     settings = resolve_settings(weight, position, position_weight, max_positions, sinusoid_layout, sinusoid_base, scale,
                                 padding_idx, sparse, check_bounds)
+    norm_settings = resolve_norm(norm, norm_weight, norm_bias, norm_eps, "dropout_p", dropout_p)
     return embed(resolve_backend(backend, weight.device), settings, input_ids, weight.contiguous(),
-                 None if position_weight is None else position_weight.contiguous(),
-                 None if segment_weight is None else segment_weight.contiguous(), token_type_ids, position_ids, past_length,
-                 cu_seqlens, position_offset)
+                 _contiguous(position_weight), _contiguous(segment_weight), token_type_ids, position_ids, past_length,
+                 cu_seqlens, position_offset, norm=norm_settings, norm_weight=_contiguous(norm_weight),
+                 norm_bias=_contiguous(norm_bias))
+
+
+def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSettings:
+    """What a call's norm and dropout options resolve to (the norm operators' constants)."""
+
+    mode: int  # a spec.NormMode
+    eps: float
+    dropout_p: float
+
+
+def resolve_norm(norm: str | None, norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None, norm_eps: float,
+                 dropout_name: str, dropout_p: float) -> NormSettings | None:
+    """The norm and dropout options checked (tensor values are the operator's to check); None for neither."""
+    check_norm_settings(norm, norm_eps, dropout_name, dropout_p)
+    for name, parameter in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        if parameter is not None and norm is None:
+            raise ValueError(f"{name} was given, but norm=None")
+        if parameter is not None and not isinstance(parameter, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor or None, got {type(parameter).__name__}")
+    if norm_bias is not None and norm == "rmsnorm":
+        raise ValueError("norm_bias was given, but norm='rmsnorm' has no bias")
+    if norm is None and dropout_p == 0:
+        return None
+    mode = NormMode.NONE if norm is None else NormMode[norm.upper()]
+    return NormSettings(int(mode), float(norm_eps), float(dropout_p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,22 +165,25 @@ def resolve_settings(weight: torch.Tensor, position: str, position_weight: torch
 def embed(backend: str, settings: Settings, input_ids: torch.Tensor, weight: torch.Tensor,
           position_weight: torch.Tensor | None, segment_weight: torch.Tensor | None, token_type_ids: torch.Tensor | None,
           position_ids: torch.Tensor | None, past_length: int, cu_seqlens: torch.Tensor | None,
-          position_offset: int, chunk: tuple[int, int] = (0, -1)) -> torch.Tensor:
+          position_offset: int, chunk: tuple[int, int] = (0, -1), norm: NormSettings | None = None,
+          norm_weight: torch.Tensor | None = None, norm_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The call itself, once the (contiguous) tables and settings are known good: what depends on the inputs is
     shaped here and checked by the operator (``op_checks.py``, ``checks.h``); the module calls this directly.
     ``chunk``: the columns ``[start, end)`` of the last dim (-1: to its end) that get the position and segment
     terms (``spec.py``). A backend's eager entry, where allowed, does all of it instead (the extension's in C++,
-    ``csrc/eager.cpp``, with the same checks and messages)."""
-    entry = eager_entry(backend, settings) if eager_entry_allowed() else None
+    ``csrc/eager.cpp``, with the same checks and messages). ``norm``: the norm and dropout, with their
+    (contiguous) parameters; they go through ``ops.call_norm_forward``."""
+    entry = eager_entry(backend, settings) if norm is None and eager_entry_allowed() else None
     if entry is not None:
         return entry(input_ids, weight, position_weight, segment_weight, token_type_ids, position_ids, past_length,
                      cu_seqlens, position_offset, *chunk)
     return _embed_in_python(backend, settings, input_ids, weight, position_weight, segment_weight, token_type_ids,
-                            position_ids, past_length, cu_seqlens, position_offset, chunk)
+                            position_ids, past_length, cu_seqlens, position_offset, chunk, norm, norm_weight, norm_bias)
 
 
 def _embed_in_python(backend, settings, input_ids, weight, position_weight, segment_weight, token_type_ids, position_ids,
-                     past_length, cu_seqlens, position_offset, chunk) -> torch.Tensor:
+                     past_length, cu_seqlens, position_offset, chunk, norm=None, norm_weight=None,
+                     norm_bias=None) -> torch.Tensor:
     """``embed`` through ``ops.call_forward``: every backend, every derivative mode."""
     check_index_tensor("input_ids", input_ids)
     check_same_device("input_ids", input_ids, weight)
@@ -156,12 +207,18 @@ def _embed_in_python(backend, settings, input_ids, weight, position_weight, segm
     if position_ids is not None or token_type_ids is not None or cu_seqlens is not None:
         input_ids, position_ids, token_type_ids, cu_seqlens = _common_index_dtype(
             input_ids, position_ids, token_type_ids, cu_seqlens)
-    out = call_forward(
-        backend, input_ids.contiguous(), weight, position_ids, position_weight, token_type_ids, segment_weight, cu_seqlens,
-        settings.scale,
-        settings.position_mode, settings.sinusoid_base, settings.max_positions, past_length + position_offset,
-        shape[-1] if len(shape) > 0 else 1, settings.check_bounds, settings.vocab_start, settings.vocab_size, *chunk,
-        settings.padding_idx, settings.sparse)
+    forward_inputs = (
+        input_ids.contiguous(), weight, position_ids, position_weight, token_type_ids, segment_weight, cu_seqlens,
+        settings.scale, settings.position_mode, settings.sinusoid_base, settings.max_positions,
+        past_length + position_offset, shape[-1] if len(shape) > 0 else 1, settings.check_bounds, settings.vocab_start,
+        settings.vocab_size, *chunk)
+    gradient_options = (settings.padding_idx, settings.sparse)
+    if norm is None:
+        out = call_forward(backend, *forward_inputs, *gradient_options)
+    else:
+        seed = draw_seed(weight.device) if norm.dropout_p > 0 else None
+        out = call_norm_forward(backend, *forward_inputs, norm_weight, norm_bias, norm.mode, norm.eps, norm.dropout_p,
+                                seed, *gradient_options)
     return out.view(*shape, weight.shape[1])
 
 

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name, resolve_backend
-from .functional import Settings, embed, fused_input_embedding, resolve_settings
+from .functional import NormSettings, Settings, embed, fused_input_embedding, resolve_norm, resolve_settings
 from .ops import eager_entry, eager_entry_allowed
-from .validation import check_nonnegative_int, check_position_settings, check_positive_int, normalize_padding_idx, resolve_scale
+from .validation import (check_nonnegative_int, check_norm_settings, check_position_settings, check_positive_int,
+                         normalize_padding_idx, resolve_scale)
 
 
 class _Plan(NamedTuple):
@@ -20,13 +21,15 @@ class _Plan(NamedTuple):
     backend: str
     settings: Settings
     entry: object | None  # the backend's eager entry (ops.eager_entry), where the module may call it
+    norm_train: NormSettings | None  # the norm and dropout in training mode
+    norm_eval: NormSettings | None  # and in eval mode (no dropout)
 
 
 class FusedInputEmbedding(nn.Module):
-    """``weight[ids] * scale + P[pos] + segment_weight[token_type]``, forward and backward in one pass.
+    """``dropout(norm(weight[ids] * scale + P[pos] + segment_weight[token_type]))``, forward and backward in one pass.
 
-    A drop-in for ``nn.Embedding`` (+ a position encoding, + a BERT token-type embedding): the same
-    parameters, initialisation, ``padding_idx`` rule and sparse gradient.
+    A drop-in for ``nn.Embedding`` (+ a position encoding, + a BERT token-type embedding, + the LayerNorm or
+    RMSNorm and dropout after them): the same parameters, initialisation, ``padding_idx`` rule and sparse gradient.
 
     Args:
         num_embeddings: vocabulary size.
@@ -43,6 +46,11 @@ class FusedInputEmbedding(nn.Module):
         check_bounds: True (default): out-of-range ids raise ``IndexError`` (on CUDA after a host
             synchronization); False: a device-side assertion instead, for CUDA-graph capture (see
             ``fused_input_embedding``). An attribute: switch it on a built module.
+        norm: None, ``"layernorm"`` (``F.layer_norm`` with ``norm_weight``, ``norm_bias``) or ``"rmsnorm"``
+            (``torch.nn.RMSNorm``'s formula with ``norm_weight``) over each token's sum. ``norm_weight`` (D,)
+            starts at ones, ``norm_bias`` (D,) at zeros for ``"layernorm"``; both are None without a norm.
+        norm_eps: the norm's epsilon.
+        dropout: the dropout probability after the norm, active only in training mode (``module.train()``).
         backend: ``"auto"``, ``"extension"``, ``"triton"`` or ``"reference"``.
     """
 
@@ -60,6 +68,9 @@ class FusedInputEmbedding(nn.Module):
         scale: str | float | None = "sqrt",
         sparse: bool = True,
         check_bounds: bool = True,
+        norm: str | None = None,
+        norm_eps: float = 1e-5,
+        dropout: float = 0.0,
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -71,6 +82,7 @@ class FusedInputEmbedding(nn.Module):
         check_position_settings(position, sinusoid_layout, max_positions)
         if position == "learned" and max_positions is None:
             raise ValueError("position='learned' needs max_positions (the rows of position_weight)")
+        check_norm_settings(norm, norm_eps, "dropout", dropout)
         check_backend_name(backend)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
@@ -84,6 +96,9 @@ class FusedInputEmbedding(nn.Module):
         self.embed_scale = resolve_scale(scale, embedding_dim)
         self.sparse = sparse
         self.check_bounds = check_bounds
+        self.norm = norm
+        self.norm_eps = float(norm_eps)
+        self.dropout = float(dropout)
         self.backend = backend
 
         factory = {"device": device, "dtype": dtype}
@@ -91,12 +106,15 @@ class FusedInputEmbedding(nn.Module):
         self.segment_weight = nn.Parameter(torch.empty(num_segments, embedding_dim, **factory)) if num_segments else None
         learned = position == "learned"
         self.position_weight = nn.Parameter(torch.empty(max_positions, embedding_dim, **factory)) if learned else None
+        self.norm_weight = nn.Parameter(torch.empty(embedding_dim, **factory)) if norm else None
+        self.norm_bias = nn.Parameter(torch.empty(embedding_dim, **factory)) if norm == "layernorm" else None
         self.reset_parameters()
 
     # the attributes a call's plan comes from: setting or deleting one makes the next call resolve it again
     _PLAN_ATTRIBUTES = frozenset({"weight", "position_weight", "segment_weight", "position", "max_positions",
                                   "sinusoid_layout", "sinusoid_base", "embed_scale", "padding_idx", "sparse",
-                                  "check_bounds", "backend"})
+                                  "check_bounds", "backend", "norm", "norm_eps", "dropout", "norm_weight",
+                                  "norm_bias"})
     _TABLES = ("weight", "position_weight", "segment_weight")
 
     def __setattr__(self, name: str, value) -> None:
@@ -122,18 +140,24 @@ class FusedInputEmbedding(nn.Module):
             backend = resolve_backend(self.backend, device)
             # the entry is handed the tables straight from _parameters: only where they all live there
             plain_tables = all(name in self._parameters or getattr(self, name) is None for name in self._TABLES)
-            plan = self.__dict__["_plan"] = _Plan(device, backend, settings,
-                                                  eager_entry(backend, settings) if plain_tables else None)
+            norm_train = resolve_norm(self.norm, self.norm_weight, self.norm_bias, self.norm_eps, "dropout", self.dropout)
+            norm_eval = resolve_norm(self.norm, self.norm_weight, self.norm_bias, self.norm_eps, "dropout", 0.0)
+            entry = eager_entry(backend, settings) if plain_tables and norm_train is None else None
+            plan = self.__dict__["_plan"] = _Plan(device, backend, settings, entry, norm_train, norm_eval)
         return plan
 
     def reset_parameters(self) -> None:
-        """``nn.Embedding``'s initialisation: N(0, 1), the padding row zero."""
+        """``nn.Embedding``'s initialisation: N(0, 1), the padding row zero; the norm's weight ones, its bias zeros."""
         for table in (self.weight, self.segment_weight, self.position_weight):
             if table is not None:
                 nn.init.normal_(table)
         if self.padding_idx is not None:
             with torch.no_grad():
                 self.weight[self.padding_idx].zero_()
+        if self.norm_weight is not None:
+            nn.init.ones_(self.norm_weight)
+        if self.norm_bias is not None:
+            nn.init.zeros_(self.norm_bias)
 
     def forward(
         self,
@@ -158,7 +182,9 @@ class FusedInputEmbedding(nn.Module):
                 return plan.entry(input_ids, tables["weight"], tables.get("position_weight"), tables.get("segment_weight"),
                                   token_type_ids, position_ids, past_length, cu_seqlens, position_offset)
             return embed(plan.backend, plan.settings, input_ids, self.weight, self.position_weight, self.segment_weight,
-                         token_type_ids, position_ids, past_length, cu_seqlens, position_offset)
+                         token_type_ids, position_ids, past_length, cu_seqlens, position_offset,
+                         norm=plan.norm_train if self.training else plan.norm_eval, norm_weight=self.norm_weight,
+                         norm_bias=self.norm_bias)
         return fused_input_embedding(
             input_ids,
             self.weight,
@@ -177,6 +203,11 @@ class FusedInputEmbedding(nn.Module):
             cu_seqlens=cu_seqlens,
             position_offset=position_offset,
             check_bounds=self.check_bounds,
+            norm=self.norm,
+            norm_weight=self.norm_weight,
+            norm_bias=self.norm_bias,
+            norm_eps=self.norm_eps,
+            dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
 
@@ -192,5 +223,9 @@ class FusedInputEmbedding(nn.Module):
         if self.position == "sinusoidal":
             parts.append(f"sinusoid_layout={self.sinusoid_layout!r}, sinusoid_base={self.sinusoid_base}")
         parts.append(f"scale={self.scale!r}")
+        if self.norm is not None:
+            parts.append(f"norm={self.norm!r}, norm_eps={self.norm_eps}")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
         parts.append(f"sparse={self.sparse}, backend={self.backend!r}")
         return ", ".join(parts)

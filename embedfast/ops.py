@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from .positions import chunk_tokens, token_positions
-from .reference import reference_backward, reference_forward
-from .spec import BackwardInputs, ForwardInputs, GradientOptions, PositionMode, TokenGrad, schema
+from .reference import reference_backward, reference_forward, reference_norm_backward, reference_norm_forward
+from .spec import (BackwardInputs, ForwardInputs, GradientOptions, NormBackwardInputs, NormInputs, PositionMode, TokenGrad,
+                   compute_dtype, schema)
 
 _NUM_FORWARD = len(ForwardInputs._fields)
 _NUM_BACKWARD = len(BackwardInputs._fields)
+_NUM_NORM = len(NormInputs._fields)
 
 
 def op_name(kind: str, backend: str) -> str:
@@ -47,7 +49,7 @@ def register_fake_and_autograd(backend: str) -> None:
     torch.library.register_fake(op_name("backward", backend), _backward_fake)
     forward_op = getattr(torch.ops.embedfast, f"forward_{backend}")
     backward_op = getattr(torch.ops.embedfast, f"backward_{backend}")
-    torch.library.register_autograd(op_name("forward", backend), _not_differentiable(backend),
+    torch.library.register_autograd(op_name("forward", backend), _not_differentiable(f"forward_{backend}"),
                                     setup_context=lambda ctx, inputs, output: None)
     torch.library.register_autograd(op_name("backward", backend), _backward_adjoint, setup_context=_setup_backward_context)
 
@@ -65,9 +67,45 @@ def register_fake_and_autograd(backend: str) -> None:
         f"forward_{backend}", forward_op, _setup_forward_context,
         lambda ctx, grad_out: _backward(ctx, grad_out, backward_function.apply, _SparseRows.apply),
         jvp=lambda ctx, *tangents: forward_op(*_tangent_inputs(ctx, tangents)), op_inputs=_NUM_FORWARD)
+    _register_norm(backend, backward_op)
+
+
+def _register_norm(backend: str, backward_op) -> None:
+    """The norm operators' fakes and their reverse-mode derivative: eagerly an ``autograd.Function``, under
+    ``torch.compile`` the ``differentiable_norm_forward`` operator (as for the plain forward)."""
+    torch.library.register_fake(op_name("norm_forward", backend), _norm_forward_fake)
+    torch.library.register_fake(op_name("norm_backward", backend), _norm_backward_fake)
+    norm_forward_op = getattr(torch.ops.embedfast, f"norm_forward_{backend}")
+    norm_backward_op = getattr(torch.ops.embedfast, f"norm_backward_{backend}")
+    no_context = lambda ctx, inputs, output: None  # noqa: E731
+    torch.library.register_autograd(op_name("norm_forward", backend), _not_differentiable(f"norm_forward_{backend}"),
+                                    setup_context=no_context)
+    torch.library.register_autograd(op_name("norm_backward", backend), _no_double_backward, setup_context=no_context)
+
+    differentiable = op_name("differentiable_norm_forward", backend)
+    torch.library.define(differentiable, schema("differentiable_norm_forward"))
+    torch.library.impl(differentiable, "CompositeExplicitAutograd")(
+        lambda *inputs: norm_forward_op(*inputs[:_NUM_FORWARD + _NUM_NORM]))
+    torch.library.register_fake(differentiable, lambda *inputs: _norm_forward_fake(*inputs[:_NUM_FORWARD + _NUM_NORM]))
+    torch.library.register_autograd(
+        differentiable, lambda ctx, grad_out, _grad_stats: _norm_backward(
+            ctx, grad_out, norm_backward_op, backward_op, torch.ops.embedfast.sparse_rows),
+        setup_context=_setup_norm_context)
+
+    def forward(ctx, *inputs):
+        out, stats = norm_forward_op(*inputs[:_NUM_FORWARD + _NUM_NORM])
+        _setup_norm_context(ctx, inputs, (out, stats))
+        return out
+
+    def backward(ctx, grad_out):
+        return _norm_backward(ctx, grad_out, norm_backward_op, backward_op, _SparseRows.apply)
+
+    _NORM_FUNCTIONS[backend] = type(f"norm_forward_{backend}_function", (torch.autograd.Function,),
+                                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 _FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
+_NORM_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {}
 # backends with an eager entry of their own: a class built from a call's settings, then called as functional.embed
 # is after its backend and settings, differentiable in reverse mode (the extension's C++ shaping and autograd node)
 _EAGER_ENTRIES: dict[str, type] = {}
@@ -115,10 +153,27 @@ def call_forward(backend: str, *arguments) -> torch.Tensor:
     return getattr(torch.ops.embedfast, f"forward_{backend}")(*arguments[:_NUM_FORWARD])
 
 
-def _reverse_mode(arguments: tuple) -> bool:
+def _reverse_mode(arguments: tuple, parameters: tuple = ()) -> bool:
     inputs = ForwardInputs(*arguments[:_NUM_FORWARD])
-    tables = (inputs.weight, inputs.position_weight, inputs.segment_weight)
+    tables = (inputs.weight, inputs.position_weight, inputs.segment_weight, *parameters)
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tables)
+
+
+def call_norm_forward(backend: str, *arguments) -> torch.Tensor:
+    """The norm forward operator of a loaded backend on ``(*ForwardInputs, *NormInputs, *GradientOptions)``: its
+    output, differentiable in reverse mode (eagerly and under ``torch.compile``; not twice). Forward mode and
+    ``torch.func`` raise: the norm's derivative is not affine in the tables, and only reverse mode is written."""
+    norm = NormInputs(*arguments[_NUM_FORWARD:_NUM_FORWARD + _NUM_NORM])
+    wanted = _reverse_mode(arguments, (norm.norm_weight, norm.norm_bias))
+    if torch.compiler.is_compiling():
+        if wanted:
+            return getattr(torch.ops.embedfast, f"differentiable_norm_forward_{backend}")(*arguments)[0]
+    elif torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        raise NotImplementedError("embedfast: with a norm or dropout the operator is differentiable in reverse mode "
+                                  "only, not under forward-mode AD or torch.func transforms")
+    elif wanted:
+        return _NORM_FUNCTIONS[backend].apply(*arguments)
+    return getattr(torch.ops.embedfast, f"norm_forward_{backend}")(*arguments[:_NUM_FORWARD + _NUM_NORM])[0]
 
 
 def _function(name: str, op, setup_context, backward, jvp=None, op_inputs: int | None = None) -> type[torch.autograd.Function]:
@@ -131,12 +186,17 @@ def _function(name: str, op, setup_context, backward, jvp=None, op_inputs: int |
     return type(f"{name}_function", (torch.autograd.Function,), members)
 
 
-def _not_differentiable(backend: str):
+def _not_differentiable(name: str):
     def backward(ctx, *grads):
-        raise RuntimeError(f"torch.ops.embedfast.forward_{backend} is not differentiated by itself: call "
-                           "embedfast.fused_input_embedding (or embedfast.ops.call_forward), which knows the gradient's "
-                           "padding_idx and sparse layout")
+        raise RuntimeError(f"torch.ops.embedfast.{name} is not differentiated by itself: call "
+                           "embedfast.fused_input_embedding (or embedfast.ops.call_forward / call_norm_forward), which "
+                           "knows the gradient's padding_idx and sparse layout")
     return backward
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("embedfast: the gradient through a norm or dropout cannot be differentiated again "
+                              "(double backward is written for the operator without a norm)")
 
 
 def _forward_fake(*inputs):
@@ -152,9 +212,30 @@ def _backward_fake(*inputs):
     return like.new_empty((rows, dim)), like.new_empty((backward.num_positions, dim)), like.new_empty((backward.num_segments, dim))
 
 
+def _norm_forward_fake(*inputs):
+    forward = ForwardInputs(*inputs[:_NUM_FORWARD])
+    num_tokens, dim = forward.input_ids.shape[0], forward.weight.shape[1]
+    stats = forward.weight.new_empty((num_tokens, 2), dtype=compute_dtype(forward.weight.dtype))
+    return forward.weight.new_empty((num_tokens, dim)), stats
+
+
+def _norm_backward_fake(*inputs):
+    backward = NormBackwardInputs(*inputs)
+    like = backward.grad_out
+
+    def vector(parameter):
+        return like.new_empty(parameter.shape[0] if backward.norm_grads and parameter is not None else 0)
+
+    return like.new_empty(like.shape), vector(backward.norm_weight), vector(backward.norm_bias)
+
+
 def _setup_context(ctx, inputs, output):
-    forward, options = ForwardInputs(*inputs[:_NUM_FORWARD]), GradientOptions(*inputs[_NUM_FORWARD:])
+    forward = ForwardInputs(*inputs[:_NUM_FORWARD])
     ctx.save_for_backward(forward.input_ids, forward.position_ids, forward.token_type_ids, forward.cu_seqlens)
+    _set_backward_inputs(ctx, forward, GradientOptions(*inputs[_NUM_FORWARD:]))
+
+
+def _set_backward_inputs(ctx, forward: ForwardInputs, options: GradientOptions) -> None:
     # the backward's inputs but the tensors and what the backward decides from ctx.needs_input_grad
     ctx.backward_inputs = BackwardInputs(
         grad_out=None, input_ids=None, num_embeddings=forward.weight.shape[0], padding_idx=options.padding_idx,
@@ -164,6 +245,38 @@ def _setup_context(ctx, inputs, output):
         num_positions=forward.position_weight.shape[0] if forward.position_weight is not None else 0,
         num_segments=forward.segment_weight.shape[0] if forward.segment_weight is not None else 0)
     ctx.sparse = options.sparse
+
+
+_NORM_TENSORS = ("norm_weight", "norm_bias", "dropout_seed")
+
+
+def _setup_norm_context(ctx, inputs, output):
+    """What the norm's backward needs: the index tensors, the tables (the sum is recomputed from them), the norm's
+    tensors and the forward's stats."""
+    forward, norm = ForwardInputs(*inputs[:_NUM_FORWARD]), NormInputs(*inputs[_NUM_FORWARD:_NUM_FORWARD + _NUM_NORM])
+    ctx.save_for_backward(forward.input_ids, forward.position_ids, forward.token_type_ids, forward.cu_seqlens,
+                          forward.weight, forward.position_weight, forward.segment_weight,
+                          *(getattr(norm, name) for name in _NORM_TENSORS), output[1])
+    _set_backward_inputs(ctx, forward, GradientOptions(*inputs[_NUM_FORWARD + _NUM_NORM:]))
+    ctx.forward_inputs = forward._replace(**dict.fromkeys(_INDEX_NAMES + _TABLE_NAMES))
+    ctx.norm_inputs = norm._replace(**dict.fromkeys(_NORM_TENSORS))
+
+
+def _norm_backward(ctx, grad_out, norm_backward_op, backward_op, sparse_rows):
+    """The norm's backward (the sum's gradient, the norm's parameters'), then the sum's (``_backward``)."""
+    saved = ctx.saved_tensors
+    tables, norm_tensors, stats = saved[4:7], saved[7:10], saved[10]
+    forward = _with_index_tensors(ctx.forward_inputs, saved)._replace(**dict(zip(_TABLE_NAMES, tables)))
+    norm = ctx.norm_inputs._replace(**dict(zip(_NORM_TENSORS, norm_tensors)))
+    wants = NormInputs(*ctx.needs_input_grad[_NUM_FORWARD:_NUM_FORWARD + _NUM_NORM])
+    grad_sum, weight_grad, bias_grad = norm_backward_op(grad_out.contiguous(), stats, *forward, *norm,
+                                                        wants.norm_weight or wants.norm_bias)
+    table_grads = (None,) * _NUM_FORWARD
+    if any(ctx.needs_input_grad[:_NUM_FORWARD]):
+        table_grads = _backward(ctx, grad_sum, backward_op, sparse_rows)[:_NUM_FORWARD]
+    norm_grads = NormInputs(*(None,) * _NUM_NORM)._replace(norm_weight=weight_grad if wants.norm_weight else None,
+                                                           norm_bias=bias_grad if wants.norm_bias else None)
+    return (*table_grads, *norm_grads, *(None,) * len(GradientOptions._fields))
 
 
 def _setup_forward_context(ctx, inputs, output):
@@ -177,6 +290,7 @@ def _setup_forward_context(ctx, inputs, output):
 
 
 _INDEX_NAMES = ("input_ids", "position_ids", "token_type_ids", "cu_seqlens")
+_TABLE_NAMES = ("weight", "position_weight", "segment_weight")
 
 
 def _with_index_tensors(inputs, saved):
@@ -324,4 +438,6 @@ def _sparse_rows_fake(input_ids, grad_out, padding_idx, scale, vocab_start, num_
 define_ops("reference")
 torch.library.impl(op_name("forward", "reference"), "default")(reference_forward)
 torch.library.impl(op_name("backward", "reference"), "default")(reference_backward)
+torch.library.impl(op_name("norm_forward", "reference"), "default")(reference_norm_forward)
+torch.library.impl(op_name("norm_backward", "reference"), "default")(reference_norm_backward)
 register_fake_and_autograd("reference")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .spec import INDEX_DTYPES, POSITION_ENCODINGS, SINUSOID_LAYOUTS, TABLE_DTYPES
+from .spec import INDEX_DTYPES, NORMS, POSITION_ENCODINGS, SINUSOID_LAYOUTS, TABLE_DTYPES
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:
@@ -31,6 +31,15 @@ def check_position_settings(position: str, sinusoid_layout: str, max_positions: 
     check_choice("position", position, POSITION_ENCODINGS)
     check_choice("sinusoid_layout", sinusoid_layout, SINUSOID_LAYOUTS)
     check_positive_int("max_positions", max_positions, optional=True)
+
+
+def check_norm_settings(norm: str | None, norm_eps: float, dropout_name: str, dropout_p: float) -> None:
+    """The norm and dropout options the module and the functional form share."""
+    check_choice("norm", norm, (None, *NORMS))
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps >= 0:
+        raise ValueError(f"norm_eps must be a float >= 0, got {norm_eps!r}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0 <= dropout_p < 1:
+        raise ValueError(f"{dropout_name} must be a float in [0, 1), got {dropout_p!r}")
 
 
 def check_index_tensor(name: str, ids: torch.Tensor) -> None:
