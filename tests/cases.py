@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 import embedfast
 from embedfast.reference import unfused_input_embedding
@@ -28,14 +29,19 @@ class Case:
     noncontiguous: bool = False
     scale: object = "sqrt"
     sparse: bool = True
+    norm: str | None = None
+    norm_eps: float = 1e-5
 
-    def module(self, dtype, device, backend) -> embedfast.FusedInputEmbedding:
+    def module(self, dtype, device, backend, dropout: float = 0.0) -> embedfast.FusedInputEmbedding:
         module = embedfast.FusedInputEmbedding(
             self.vocab, self.dim, padding_idx=self.padding_idx, num_segments=self.segments, position=self.position,
             max_positions=self.max_positions, sinusoid_layout=self.layout, scale=self.scale, sparse=self.sparse,
-            backend=backend, device=device, dtype=dtype)
+            norm=self.norm, norm_eps=self.norm_eps, dropout=dropout, backend=backend, device=device, dtype=dtype)
         with torch.no_grad():  # a non-zero padding row makes the forward check the padding row too
             module.weight.normal_()
+            for parameter in (module.norm_weight, module.norm_bias):  # not the ones and zeros a bug could hide behind
+                if parameter is not None:
+                    parameter.uniform_(0.5, 1.5)
         return module
 
     def inputs(self, device, generator=None) -> dict:
@@ -88,7 +94,17 @@ def truth(module: embedfast.FusedInputEmbedding, inputs: dict, past_length: int 
         segments = module.segment_weight.detach().to(dtype).requires_grad_()
         tables["segment_weight"] = segments
         kwargs.update(segment_weight=segments, token_type_ids=inputs.get("token_type_ids", torch.zeros_like(ids)).expand(ids.shape))
-    return unfused_input_embedding(ids, weight, **kwargs), tables
+    out = unfused_input_embedding(ids, weight, **kwargs)
+    if module.norm is not None:
+        for name in ("norm_weight", "norm_bias"):
+            if getattr(module, name) is not None:
+                tables[name] = getattr(module, name).detach().to(dtype).requires_grad_()
+        shape = (module.embedding_dim,)
+        if module.norm == "layernorm":
+            out = F.layer_norm(out, shape, tables["norm_weight"], tables.get("norm_bias"), module.norm_eps)
+        else:
+            out = F.rms_norm(out, shape, tables["norm_weight"], module.norm_eps)
+    return out, tables
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
