@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import embedfast
 from cases import Case, assert_case_matches_truth, assert_close, dense_grad, truth
-from embedfast.spec import TABLE_DTYPES
+from embedfast.spec import TABLE_DTYPES, ForwardInputs, GradientOptions, NormInputs, NormMode, PositionMode
 
 CASES = {
     "layernorm-bert": Case(shape=(2, 6), dim=768, vocab=300, position="learned", max_positions=8, segments=2,
@@ -183,3 +183,91 @@ def test_module_contract(device):
     assert "norm='layernorm'" in repr(layer) and "dropout=0.1" in repr(layer)
     with pytest.raises(ValueError, match="dropout must be a float in"):
         embedfast.FusedInputEmbedding(10, 6, dropout=1.5)
+
+
+def _norm_samples(device, requires_grad):
+    """Norm operator inputs over the forward's variants (positions, packed documents, a vocabulary shard with a
+    sequence chunk) and each norm mode, with and without dropout."""
+    generator = torch.Generator().manual_seed(10)
+    ids = torch.randint(0, 9, (6,), generator=generator).to(device)
+    types = torch.randint(0, 2, (6,), generator=generator).to(device)
+
+    def table(*shape):
+        return torch.randn(*shape, generator=generator).to(device).requires_grad_(requires_grad)
+
+    weight, positions, segments, norm_weight, norm_bias = table(9, 5), table(8, 5), table(2, 5), table(5), table(5)
+    seed = torch.tensor([12345], device=device)
+    forwards = [
+        ForwardInputs(ids, weight, position_weight=positions, token_type_ids=types, segment_weight=segments, scale=2.0,
+                      position_mode=PositionMode.LEARNED, max_positions=8, position_offset=1, seq_len=3),
+        ForwardInputs(ids.int(), weight, position_mode=PositionMode.INTERLEAVED, position_offset=3, seq_len=2),
+        ForwardInputs(ids, weight, position_weight=positions, cu_seqlens=torch.tensor([0, 2, 2, 6], device=device),
+                      position_mode=PositionMode.LEARNED, position_offset=1),
+        ForwardInputs(ids, table(4, 5), position_weight=positions, token_type_ids=types, segment_weight=segments,
+                      position_mode=PositionMode.LEARNED, seq_len=3, vocab_start=3, vocab_size=9, chunk_start=1, chunk_end=2),
+    ]
+    norms = [NormInputs(norm_weight, norm_bias, NormMode.LAYERNORM, 1e-5), NormInputs(None, None, NormMode.LAYERNORM, 0.1),
+             NormInputs(norm_weight, None, NormMode.RMSNORM, 1e-6, 0.4, seed), NormInputs(dropout_p=0.5, dropout_seed=seed)]
+    for i, forward in enumerate(forwards):
+        yield forward, norms[i % len(norms)]
+        yield forward, norms[(i + 1) % len(norms)]
+
+
+def test_opcheck_of_the_norm_operators(backend, device):
+    for forward, norm in _norm_samples(device, requires_grad=False):
+        torch.library.opcheck(getattr(torch.ops.embedfast, f"norm_forward_{backend}"), (*forward, *norm))
+        out, stats = getattr(torch.ops.embedfast, f"norm_forward_{backend}")(*forward, *norm)
+        grad_out = torch.randn_like(out)
+        for norm_grads in (False, True):
+            torch.library.opcheck(getattr(torch.ops.embedfast, f"norm_backward_{backend}"),
+                                  (grad_out, stats, *forward, *norm, norm_grads))
+    differentiable = getattr(torch.ops.embedfast, f"differentiable_norm_forward_{backend}")
+    for forward, norm in _norm_samples(device, requires_grad=True):
+        torch.library.opcheck(differentiable, (*forward, *norm, *GradientOptions(2, False)))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_gradcheck_float64(norm, backend, device):
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, 9, (2, 3), generator=generator).to(device)
+    types = torch.randint(0, 2, (2, 3), generator=generator).to(device)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(device).requires_grad_()
+
+    tables = [leaf(9, 5), leaf(2, 5), leaf(6, 5), leaf(5)] + ([leaf(5)] if norm == "layernorm" else [])
+
+    def f(weight, segments, positions, norm_weight, norm_bias=None):
+        return embedfast.fused_input_embedding(
+            ids, weight, token_type_ids=types, segment_weight=segments, position="learned", position_weight=positions,
+            norm=norm, norm_weight=norm_weight, norm_bias=norm_bias, sparse=False, scale=1.7, backend=backend)
+
+    assert torch.autograd.gradcheck(f, tables)
+
+
+def test_cuda_graph_capture_draws_a_new_mask_each_replay(backend, device):
+    if device != "cuda":
+        pytest.skip("CUDA-graph capture needs a CUDA device")
+    case = Case(shape=(4, 32), dim=64, segments=2, norm="layernorm")
+    module = case.module(torch.float32, "cuda", backend, dropout=0.5)
+    module.check_bounds = False  # no host synchronization inside the capture
+    inputs = case.inputs("cuda", torch.Generator().manual_seed(12))
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        module(**inputs)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        out = module(**inputs)
+    masks = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append(out == 0)
+    assert not torch.equal(masks[0], masks[1])
+    low, high = _fraction_bounds(0.5, out.numel())
+    assert low < masks[1].double().mean().item() < high
+    module.eval()
+    expected, _ = truth(module, inputs)
+    assert_close(out[~masks[1]], (expected * 2.0)[~masks[1]], torch.float32, "kept values")
