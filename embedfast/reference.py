@@ -144,18 +144,18 @@ def reference_norm_backward(*inputs) -> tuple[torch.Tensor, torch.Tensor, torch.
     """Reference implementation of ``embedfast::norm_backward_*``: the sum's gradient and the norm's."""
     args = NormBackwardInputs(*inputs)
     forward, norm = ForwardInputs(*inputs[2:2 + _NUM_FORWARD]), NormInputs(*inputs[2 + _NUM_FORWARD:-1])
+    position_mode = check_forward(forward)
     mode, dtype = check_norm(forward, norm), forward.weight.dtype
     check_norm_backward(args)
     dy = args.grad_out.to(compute_dtype(dtype))
     if norm.dropout_p > 0:
         dy = _dropout(dy, norm)
-    x_hat = _normalized(_reference_sum(forward, check_forward(forward)), args.stats)
     if mode == NormMode.NONE:
-        grad_sum = dy
-    else:
-        g = dy * _vector(norm.norm_weight, dy, 1.0)
-        centred = g - g.mean(-1, keepdim=True) if mode == NormMode.LAYERNORM else g
-        grad_sum = args.stats[:, 1:] * (centred - x_hat * (g * x_hat).mean(-1, keepdim=True))
+        return dy.to(dtype), dy.new_empty(0).to(dtype), dy.new_empty(0).to(dtype)
+    x_hat = _normalized(_reference_sum(forward, position_mode), args.stats)
+    g = dy * _vector(norm.norm_weight, dy, 1.0)
+    centred = g - g.mean(-1, keepdim=True) if mode == NormMode.LAYERNORM else g
+    grad_sum = args.stats[:, 1:] * (centred - x_hat * (g * x_hat).mean(-1, keepdim=True))
     wanted = [args.norm_grads and t is not None for t in (norm.norm_weight, norm.norm_bias)]
     weight_grad = (dy * x_hat).sum(0) if wanted[0] else dy.new_empty(0)
     bias_grad = dy.sum(0) if wanted[1] else dy.new_empty(0)

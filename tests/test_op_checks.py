@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from embedfast.backends import unavailable_reason
-from embedfast.spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad
+from embedfast.spec import BackwardInputs, ForwardInputs, NormInputs, NormMode, PositionMode, TokenGrad
 
 
 def _forward(device):
@@ -76,6 +76,37 @@ BAD_BACKWARD = {
 }
 
 
+def _norm(device):
+    return NormInputs(torch.randn(4, device=device), torch.randn(4, device=device), NormMode.LAYERNORM, 1e-5, 0.2,
+                      torch.tensor([7], device=device))
+
+
+def _norm_backward(device):
+    forward, norm = _forward(device), _norm(device)
+    return (torch.randn(6, 4, device=device), torch.randn(6, 2, device=device), *forward, *norm, True)
+
+
+BAD_NORM = {
+    "norm-mode": lambda n, d: n._replace(norm_mode=3),
+    "parameters-without-norm": lambda n, d: n._replace(norm_mode=NormMode.NONE),
+    "rmsnorm-bias": lambda n, d: n._replace(norm_mode=NormMode.RMSNORM),
+    "norm-weight-size": lambda n, d: n._replace(norm_weight=torch.randn(5, device=d)),
+    "norm-bias-2d": lambda n, d: n._replace(norm_bias=torch.randn(1, 4, device=d)),
+    "norm-weight-dtype": lambda n, d: n._replace(norm_weight=n.norm_weight.double()),
+    "norm-eps-negative": lambda n, d: n._replace(norm_eps=-1.0),
+    "dropout-one": lambda n, d: n._replace(dropout_p=1.0),
+    "dropout-without-seed": lambda n, d: n._replace(dropout_seed=None),
+    "seed-dtype": lambda n, d: n._replace(dropout_seed=n.dropout_seed.int()),
+    "seed-size": lambda n, d: n._replace(dropout_seed=torch.tensor([1, 2], device=d)),
+}
+BAD_NORM_BACKWARD = {
+    "grad-rows": lambda a, d: (a[0][:5], *a[1:]),
+    "grad-dtype": lambda a, d: (a[0].double(), *a[1:]),
+    "stats-shape": lambda a, d: (a[0], a[1][:, :1].contiguous(), *a[2:]),
+    "stats-dtype": lambda a, d: (a[0], a[1].double(), *a[2:]),
+}
+
+
 def _outcomes(kind, inputs, device):
     outcomes = {}
     for backend in ("reference", "extension", "triton"):
@@ -109,3 +140,21 @@ def test_the_good_inputs_pass_everywhere(backend, device):
     forward, backward = _forward(device), _backward(device)
     getattr(torch.ops.embedfast, f"forward_{backend}")(*forward)
     getattr(torch.ops.embedfast, f"backward_{backend}")(*backward)
+
+
+@pytest.mark.parametrize("corrupt", BAD_NORM.values(), ids=BAD_NORM.keys())
+def test_bad_norm_input_gets_one_answer_from_every_backend(corrupt, device):
+    forward, norm = _forward(device), corrupt(_norm(device), device)
+    _assert_same(_outcomes("norm_forward", (*forward, *norm), device))
+    grad_out, stats = torch.randn(6, 4, device=device), torch.randn(6, 2, device=device)
+    _assert_same(_outcomes("norm_backward", (grad_out, stats, *forward, *norm, True), device))
+
+
+@pytest.mark.parametrize("corrupt", BAD_NORM_BACKWARD.values(), ids=BAD_NORM_BACKWARD.keys())
+def test_bad_norm_backward_input_gets_one_answer_from_every_backend(corrupt, device):
+    _assert_same(_outcomes("norm_backward", corrupt(_norm_backward(device), device), device))
+
+
+def test_the_good_norm_inputs_pass_everywhere(backend, device):
+    getattr(torch.ops.embedfast, f"norm_forward_{backend}")(*_forward(device), *_norm(device))
+    getattr(torch.ops.embedfast, f"norm_backward_{backend}")(*_norm_backward(device))
