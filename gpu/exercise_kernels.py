@@ -1,7 +1,7 @@
 """Every kernel of a backend once, forward and backward, on small inputs: what compute-sanitizer watches in
 ``make gpu-check``. Covers each position mode, segment tables small (per-block partial sums) and large
-(sorted runs), sparse and dense token gradients, padding, int32 and int64 ids, every dtype, and a
-dimension with a vector tail. ``--device cpu`` makes the same calls on CPU (``make gpu-check-dry``).
+(sorted runs), sparse and dense token gradients, padding, int32 and int64 ids, every dtype, a
+dimension with a vector tail, and the norm operators (LayerNorm with dropout, RMSNorm). ``--device cpu`` makes the same calls on CPU (``make gpu-check-dry``).
 Exits non-zero when a result differs from the reference backend."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ CASES = (
     {"position": "sinusoidal", "num_segments": 2},
     {"position": "learned", "max_positions": 64, "num_segments": 20},  # more segments than one block sums
     {"position": "none", "padding_idx": 0, "scale": None},
+    {"position": "learned", "max_positions": 64, "num_segments": 2, "norm": "layernorm", "dropout": 0.1},
+    {"position": "sinusoidal", "norm": "rmsnorm"},
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 # two implementations, each within spec.TOLERANCE of the truth, summing in different orders
@@ -41,6 +43,7 @@ def exercise(backend: str, device: str, dtypes: list[str], dim: int = 70) -> int
                         if case.get("num_segments") else None
                     grad = torch.randn(3, 33, dim, generator=generator).to(device, dtype)
                     for net in (module, reference):
+                        torch.manual_seed(1)  # the same dropout seed for both
                         net(ids, types).backward(grad)
                     calls += 2
                     for name, param in module.named_parameters():
