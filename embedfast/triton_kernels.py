@@ -70,6 +70,13 @@ def _storage_value(x, ptr):
 
 
 @triton.jit
+def _float_arg(x, dtype: tl.constexpr):
+    """A ``tl.float64`` scalar argument in ``dtype``. The interpreter passes float arguments as Python floats, which
+    ``tl.cast`` would take for float32 constants first; ``tl.full`` keeps all 53 bits (compiled: a plain cast)."""
+    return tl.full((), x, tl.float64).to(dtype)
+
+
+@triton.jit
 def _sin_of_turns(turns):
     """``sin(2 pi t)`` for float64 ``t`` in [-1/2, 1/2], in float32: quadrant and angle in float64,
     then Cephes' minimax polynomials on [-pi/4, pi/4]. ``tl.sin`` would call libdevice's ``sinf``,
@@ -117,7 +124,7 @@ def _sum_tile(
     if SHARDED:
         ids -= vocab_start
         row_mask &= ((ids >= 0) & (ids < num_rows))[:, None]
-    acc = tl.load(weight_ptr + ids[:, None] * dim + cols[None, :], mask=row_mask, other=0).to(math_type) * tl.cast(scale, math_type)
+    acc = tl.load(weight_ptr + ids[:, None] * dim + cols[None, :], mask=row_mask, other=0).to(math_type) * _float_arg(scale, math_type)
     side_tokens, side_mask = token_mask, mask  # the tokens that take the position and segment terms
     if CHUNKED:
         column = tokens % seq_len
@@ -196,7 +203,7 @@ def _grad_rows_kernel(
 
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0).to(math_type)
     if WRITE_VALUES:
-        tl.store(values_ptr + offsets, _storage_value(grad * tl.cast(scale, math_type), values_ptr), mask=mask)
+        tl.store(values_ptr + offsets, _storage_value(grad * _float_arg(scale, math_type), values_ptr), mask=mask)
     if SEGMENT_PARTIALS:
         segment_tokens = token_mask
         if CHUNKED:
@@ -226,7 +233,7 @@ def _sorted_sum_kernel(
         row = tl.load(order_ptr + i)
         acc += tl.load(grad_ptr + row * dim + cols, mask=col_mask, other=0).to(math_type)
     key = tl.load(keys_ptr + start)
-    tl.store(out_ptr + key * dim + cols, _storage_value(acc * tl.cast(scale, math_type), out_ptr), mask=col_mask & (end > start))
+    tl.store(out_ptr + key * dim + cols, _storage_value(acc * _float_arg(scale, math_type), out_ptr), mask=col_mask & (end > start))
 
 
 @triton.jit
@@ -410,3 +417,4 @@ def backward_triton(*inputs):
 
 
 ops.register_fake_and_autograd("triton")
+from . import triton_norm  # noqa: E402,F401  (the norm operators, on the helpers above)
