@@ -6,8 +6,9 @@ can schedule them with the rest of the graph. On CPU tensors they run under the 
 (``TRITON_INTERPRET=1`` set before this module is imported); that is how CI tests them.
 
 Kernels:
-  ``_forward_kernel``       one program per (block of tokens) x (block of columns): gather, scale,
-                            position term, segment row, one store.
+  ``_forward_kernel``       one program per (block of tokens) x (block of columns): the sum of ``_sum_tile``
+                            (gather, scale, position term, segment row), one store. ``triton_norm.py`` builds
+                            its rows with the same ``_sum_tile`` (the norm operators).
   ``_grad_rows_kernel``     one pass over ``grad_out`` tiles: the sparse token-gradient values and,
                             for small segment tables, per-program segment partial sums.
   ``_sorted_sum_kernel``    dense row sums by sorted key (token, position or large segment

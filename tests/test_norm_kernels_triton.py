@@ -3,6 +3,8 @@ fresh random data: every norm mode, with and without the norm's weight and bias,
 bitwise the reference's), odd and even widths, every table dtype, every position source. On CPU they run under the
 Triton interpreter (conftest.py turns it on), on CUDA compiled; shapes are small for the interpreter."""
 
+import re
+
 import pytest
 import torch
 
@@ -180,3 +182,25 @@ def test_dropout_mask_is_dropout_py_bitwise(seed, base, p):
     _keep_kernel[(1,)](seeds, out, base, dropout_threshold(p), BLOCK=64)
     expected = dropout_bits(seeds, base + torch.arange(64, dtype=torch.int64)) >= dropout_threshold(p)
     assert torch.equal(out.bool(), expected)
+
+
+@pytest.mark.parametrize("bad", ["dropout-p-1", "bias-with-rmsnorm", "no-seed", "stats-dtype", "grad-shape"])
+def test_bad_inputs_raise_what_the_reference_raises(bad):
+    generator = torch.Generator().manual_seed(1)
+    forward = _forward_inputs("learned", 6, 4, torch.float32, torch.int64, "cpu", generator)
+    norm = _norm_inputs(NormMode.LAYERNORM, "both", 0.3, 4, torch.float32, "cpu", generator)
+    grad_out, stats = torch.zeros(6, 4), torch.zeros(6, 2)
+    norm = {"dropout-p-1": norm._replace(dropout_p=1.0), "bias-with-rmsnorm": norm._replace(norm_mode=int(NormMode.RMSNORM)),
+            "no-seed": norm._replace(dropout_seed=None)}.get(bad, norm)
+    if bad == "stats-dtype":
+        stats = stats.double()
+    elif bad == "grad-shape":
+        grad_out = torch.zeros(6, 5)
+    calls = [(torch.ops.embedfast.norm_backward_triton, reference_norm_backward, (grad_out, stats, *forward, *norm, True))]
+    if bad not in ("stats-dtype", "grad-shape"):
+        calls.append((torch.ops.embedfast.norm_forward_triton, reference_norm_forward, (*forward, *norm)))
+    for op, reference, args in calls:
+        with pytest.raises(Exception) as expected:
+            reference(*args)
+        with pytest.raises(expected.type, match=f"^{re.escape(str(expected.value))}$"):
+            op(*args)
