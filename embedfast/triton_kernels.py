@@ -6,8 +6,9 @@ can schedule them with the rest of the graph. On CPU tensors they run under the 
 (``TRITON_INTERPRET=1`` set before this module is imported); that is how CI tests them.
 
 Kernels:
-  ``_forward_kernel``       one program per (block of tokens) x (block of columns): gather, scale,
-                            position term, segment row, one store.
+  ``_forward_kernel``       one program per (block of tokens) x (block of columns): the sum of ``_sum_tile``
+                            (gather, scale, position term, segment row), one store. ``triton_norm.py`` builds
+                            its rows with the same ``_sum_tile`` (the norm operators).
   ``_grad_rows_kernel``     one pass over ``grad_out`` tiles: the sparse token-gradient values and,
                             for small segment tables, per-program segment partial sums.
   ``_sorted_sum_kernel``    dense row sums by sorted key (token, position or large segment
@@ -70,6 +71,13 @@ def _storage_value(x, ptr):
 
 
 @triton.jit
+def _float_arg(x, dtype: tl.constexpr):
+    """A ``tl.float64`` scalar argument in ``dtype``. The interpreter passes float arguments as Python floats, which
+    ``tl.cast`` would take for float32 constants first; ``tl.full`` keeps all 53 bits (compiled: a plain cast)."""
+    return tl.full((), x, tl.float64).to(dtype)
+
+
+@triton.jit
 def _sin_of_turns(turns):
     """``sin(2 pi t)`` for float64 ``t`` in [-1/2, 1/2], in float32: quadrant and angle in float64,
     then Cephes' minimax polynomials on [-pi/4, pi/4]. ``tl.sin`` would call libdevice's ``sinf``,
@@ -99,19 +107,16 @@ def _document_start(cu_seqlens_ptr, tokens, num_documents, SEARCH_STEPS: tl.cons
 
 
 @triton.jit
-def _forward_kernel(
-    ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr, turns_ptr, phase_ptr, token_types_ptr, segment_ptr,
-    cu_seqlens_ptr, out_ptr, num_tokens, dim, scale: tl.float64, position_offset, num_documents, vocab_start, num_rows,
-    seq_len, chunk_start, chunk_stop,
-    POSITION: tl.constexpr,  # a PositionMode; both sinusoid layouts read the turns/phase tables
-    HAS_POSITION_IDS: tl.constexpr, PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-    HAS_TOKEN_TYPES: tl.constexpr, SHARDED: tl.constexpr, CHUNKED: tl.constexpr, FP64: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+def _sum_tile(
+    tokens, cols, token_mask, col_mask, ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr, turns_ptr, phase_ptr,
+    token_types_ptr, segment_ptr, cu_seqlens_ptr, dim, scale, position_offset, num_documents, vocab_start, num_rows,
+    seq_len, chunk_start, chunk_stop, POSITION: tl.constexpr, HAS_POSITION_IDS: tl.constexpr, PACKED: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_TOKEN_TYPES: tl.constexpr, SHARDED: tl.constexpr,
+    CHUNKED: tl.constexpr, FP64: tl.constexpr,
 ):
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    token_mask = tokens < num_tokens
-    col_mask = cols < dim
+    """The forward's sum on a tile of ``tokens`` x ``cols``, in the compute dtype: token row * scale, position term,
+    segment row (zero where the masks are off; what the sinusoid gives for tokens past the end is for the caller
+    to mask)."""
     mask = token_mask[:, None] & col_mask[None, :]
     math_type = tl.float64 if FP64 else tl.float32
 
@@ -120,7 +125,7 @@ def _forward_kernel(
     if SHARDED:
         ids -= vocab_start
         row_mask &= ((ids >= 0) & (ids < num_rows))[:, None]
-    acc = tl.load(weight_ptr + ids[:, None] * dim + cols[None, :], mask=row_mask, other=0).to(math_type) * tl.cast(scale, math_type)
+    acc = tl.load(weight_ptr + ids[:, None] * dim + cols[None, :], mask=row_mask, other=0).to(math_type) * _float_arg(scale, math_type)
     side_tokens, side_mask = token_mask, mask  # the tokens that take the position and segment terms
     if CHUNKED:
         column = tokens % seq_len
@@ -154,8 +159,30 @@ def _forward_kernel(
         if HAS_TOKEN_TYPES:
             segments = tl.load(token_types_ptr + tokens, mask=side_tokens, other=0).to(tl.int64)
         else:
-            segments = tl.zeros([BLOCK_T], dtype=tl.int64)
+            segments = tl.zeros_like(tokens)
         acc += tl.load(segment_ptr + segments[:, None] * dim + cols[None, :], mask=side_mask, other=0).to(math_type)
+    return acc
+
+
+@triton.jit
+def _forward_kernel(
+    ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr, turns_ptr, phase_ptr, token_types_ptr, segment_ptr,
+    cu_seqlens_ptr, out_ptr, num_tokens, dim, scale: tl.float64, position_offset, num_documents, vocab_start, num_rows,
+    seq_len, chunk_start, chunk_stop,
+    POSITION: tl.constexpr,  # a PositionMode; both sinusoid layouts read the turns/phase tables
+    HAS_POSITION_IDS: tl.constexpr, PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+    HAS_TOKEN_TYPES: tl.constexpr, SHARDED: tl.constexpr, CHUNKED: tl.constexpr, FP64: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    token_mask = tokens < num_tokens
+    col_mask = cols < dim
+    acc = _sum_tile(tokens, cols, token_mask, col_mask, ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr,
+                    turns_ptr, phase_ptr, token_types_ptr, segment_ptr, cu_seqlens_ptr, dim, scale, position_offset,
+                    num_documents, vocab_start, num_rows, seq_len, chunk_start, chunk_stop, POSITION, HAS_POSITION_IDS,
+                    PACKED, SEARCH_STEPS, HAS_SEGMENTS, HAS_TOKEN_TYPES, SHARDED, CHUNKED, FP64)
+    mask = token_mask[:, None] & col_mask[None, :]
     tl.store(out_ptr + tokens[:, None] * dim + cols[None, :], _storage_value(acc, out_ptr), mask=mask)
 
 
@@ -177,7 +204,7 @@ def _grad_rows_kernel(
 
     grad = tl.load(grad_ptr + offsets, mask=mask, other=0).to(math_type)
     if WRITE_VALUES:
-        tl.store(values_ptr + offsets, _storage_value(grad * tl.cast(scale, math_type), values_ptr), mask=mask)
+        tl.store(values_ptr + offsets, _storage_value(grad * _float_arg(scale, math_type), values_ptr), mask=mask)
     if SEGMENT_PARTIALS:
         segment_tokens = token_mask
         if CHUNKED:
@@ -207,7 +234,7 @@ def _sorted_sum_kernel(
         row = tl.load(order_ptr + i)
         acc += tl.load(grad_ptr + row * dim + cols, mask=col_mask, other=0).to(math_type)
     key = tl.load(keys_ptr + start)
-    tl.store(out_ptr + key * dim + cols, _storage_value(acc * tl.cast(scale, math_type), out_ptr), mask=col_mask & (end > start))
+    tl.store(out_ptr + key * dim + cols, _storage_value(acc * _float_arg(scale, math_type), out_ptr), mask=col_mask & (end > start))
 
 
 @triton.jit
@@ -266,6 +293,26 @@ def _launchable(kernel):
     return kernel if INTERPRETED else wrap_triton(kernel)
 
 
+def sum_arguments(args: ForwardInputs, mode: PositionMode) -> dict:
+    """The arguments of ``_sum_tile`` for checked forward inputs, by the kernels' parameter names (``_forward_kernel``
+    and the norm kernels take the same)."""
+    dim = args.weight.shape[1]
+    turns = phase = None
+    if mode not in (PositionMode.NONE, PositionMode.LEARNED):
+        turns, phase = _sinusoid_turns(dim, mode.name.lower(), args.sinusoid_base, args.weight.device)
+    packed = args.cu_seqlens is not None and args.position_ids is None
+    num_documents = args.cu_seqlens.shape[0] - 1 if packed else 0
+    return dict(
+        ids_ptr=args.input_ids, weight_ptr=args.weight, position_ids_ptr=args.position_ids,
+        position_weight_ptr=args.position_weight, turns_ptr=turns, phase_ptr=phase, token_types_ptr=args.token_type_ids,
+        segment_ptr=args.segment_weight, cu_seqlens_ptr=args.cu_seqlens, dim=dim, scale=args.scale,
+        position_offset=args.position_offset, num_documents=num_documents, vocab_start=args.vocab_start,
+        num_rows=args.weight.shape[0], **_chunk_args(args), POSITION=mode.value,
+        HAS_POSITION_IDS=args.position_ids is not None, PACKED=packed, SEARCH_STEPS=max(num_documents - 1, 1).bit_length(),
+        HAS_SEGMENTS=args.segment_weight is not None, HAS_TOKEN_TYPES=args.token_type_ids is not None,
+        SHARDED=args.vocab_size != 0, FP64=_fp64_math(args.weight))
+
+
 @_operator("forward", schema("forward"))
 def forward_triton(*inputs):
     args = ForwardInputs(*inputs)
@@ -274,21 +321,10 @@ def forward_triton(*inputs):
     out = torch.empty((num_tokens, dim), dtype=args.weight.dtype, device=args.weight.device)
     if num_tokens == 0 or dim == 0:
         return out
-    turns = phase = None
-    if mode not in (PositionMode.NONE, PositionMode.LEARNED):
-        turns, phase = _sinusoid_turns(dim, mode.name.lower(), args.sinusoid_base, args.weight.device)
-    packed = args.cu_seqlens is not None and args.position_ids is None
-    num_documents = args.cu_seqlens.shape[0] - 1 if packed else 0
     block_t, block_d, num_warps = launch_config(dim)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))
-    _launchable(_forward_kernel)[grid](
-        args.input_ids, args.weight, args.position_ids, args.position_weight, turns, phase, args.token_type_ids,
-        args.segment_weight, args.cu_seqlens, out, num_tokens, dim, args.scale, args.position_offset, num_documents,
-        args.vocab_start, args.weight.shape[0], **_chunk_args(args), POSITION=mode.value,
-        HAS_POSITION_IDS=args.position_ids is not None, PACKED=packed, SEARCH_STEPS=max(num_documents - 1, 1).bit_length(),
-        HAS_SEGMENTS=args.segment_weight is not None, HAS_TOKEN_TYPES=args.token_type_ids is not None,
-        SHARDED=args.vocab_size != 0, FP64=_fp64_math(args.weight),
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+    _launchable(_forward_kernel)[grid](**sum_arguments(args, mode), out_ptr=out, num_tokens=num_tokens,
+                                       BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
@@ -382,3 +418,4 @@ def backward_triton(*inputs):
 
 
 ops.register_fake_and_autograd("triton")
+from . import triton_norm  # noqa: E402,F401  (the norm operators, on the helpers above)

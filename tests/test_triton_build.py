@@ -25,7 +25,8 @@ def report() -> dict:
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_stack_or_spills(report):
     kernels = report["kernels"]
-    for kernel in ("forward-fp32-learned", "forward-bf16-sinusoid", "grad-rows-fp32", "sorted-sum-bf16"):
+    for kernel in ("forward-fp32-learned", "forward-bf16-sinusoid", "grad-rows-fp32", "sorted-sum-bf16", "norm-forward-bf16",
+                   "norm-backward-fp32"):
         for arch in ("sm_80", "sm_90"):
             assert f"{kernel}/{arch}" in kernels
     for name, usage in kernels.items():
@@ -36,7 +37,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_stack_or_spills(report)
 
 def test_row_kernels_use_128_bit_loads_and_stores(report):
     for name, usage in report["kernels"].items():
-        if name.startswith(("forward", "grad-rows")):
+        if name.startswith(("forward", "grad-rows", "norm")):
             assert "ld.global.v4.b32" in usage["loads"], f"{name}: {usage['loads']}"
             assert "st.global.v4.b32" in usage["stores"], f"{name}: {usage['stores']}"
 
@@ -44,6 +45,8 @@ def test_row_kernels_use_128_bit_loads_and_stores(report):
 def test_compile_sees_each_kernel_and_copies_no_input(report):
     graphs = report["graphs"]
     expected = {
+        "norm-forward": [["_norm_kernel", ["stats_ptr", "out_ptr"]]],
+        "norm-backward": [["_norm_kernel", ["out_ptr", "partials_ptr"]]],
         "forward-sinusoid": [["_forward_kernel", ["out_ptr"]]],
         "forward-learned": [["_forward_kernel", ["out_ptr"]]],
         "backward-sparse": [["_grad_rows_kernel", ["values_ptr", "partials_ptr"]], ["_sorted_sum_kernel", ["out_ptr"]]],

@@ -23,7 +23,9 @@ from triton.compiler import ASTSource
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "unset TRITON_INTERPRET: the interpreter replaces the kernels"
 from embedfast import triton_kernels as tk  # noqa: E402
-from embedfast.spec import BackwardInputs, ForwardInputs, PositionMode, TokenGrad  # noqa: E402
+from embedfast import triton_norm as tn  # noqa: E402
+from embedfast.spec import (BackwardInputs, ForwardInputs, NormInputs, NormMode, PositionMode,  # noqa: E402
+                            TokenGrad)
 
 ARCHS = {"sm_80": 80, "sm_90": 90}
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -47,6 +49,20 @@ def variants():
                 "num_tokens": "i32", "dim": "i32", "scale": "fp64", "num_segments": "i32"},
                {"WRITE_VALUES": True, "SEGMENT_PARTIALS": True, "HAS_TOKEN_TYPES": True, "FP64": False, "BLOCK_T": block_t,
                 "BLOCK_D": block_d}, num_warps)
+        norm_t, norm_d, norm_warps = tn.norm_launch_config(768)
+        norm_types = {"ids_ptr": "*i32", "weight_ptr": f"*{dtype}", "position_weight_ptr": f"*{dtype}",
+                      "token_types_ptr": "*i32", "segment_ptr": f"*{dtype}", "dim": "i32", "scale": "fp64",
+                      "position_offset": "i32", "seq_len": "i32", "norm_weight_ptr": f"*{dtype}",
+                      "norm_bias_ptr": f"*{dtype}", "seed_ptr": "*i64", "stats_ptr": "*fp32", "out_ptr": f"*{dtype}",
+                      "grad_ptr": f"*{dtype}", "partials_ptr": "*fp32", "num_tokens": "i32", "tiles_per_program": "i32",
+                      "eps": "fp64", "threshold": "i32", "keep_scale": "fp64"}
+        for direction in ("forward", "backward"):  # BERT's: learned positions, segments, LayerNorm, dropout
+            yield (f"norm-{direction}-{dtype}", tn._norm_kernel, norm_types,
+                   {"POSITION": PositionMode.LEARNED.value, "HAS_POSITION_IDS": False, "PACKED": False, "SEARCH_STEPS": 1,
+                    "HAS_SEGMENTS": True, "HAS_TOKEN_TYPES": True, "FP64": False, "NORM": NormMode.LAYERNORM.value,
+                    "HAS_WEIGHT": True, "HAS_BIAS": True, "DROPOUT": True, "BACKWARD": direction == "backward",
+                    "WEIGHT_GRAD": direction == "backward", "BIAS_GRAD": direction == "backward", "BLOCK_T": norm_t,
+                    "BLOCK_D": norm_d}, norm_warps)
         yield (f"sorted-sum-{dtype}", tk._sorted_sum_kernel,
                {"grad_ptr": f"*{dtype}", "order_ptr": "*i64", "keys_ptr": "*i64", "run_end_ptr": "*i64", "out_ptr": f"*{dtype}",
                 "dim": "i32", "scale": "fp64"},
@@ -119,7 +135,15 @@ def traced_graphs():
         segments = torch.empty(2, 768, device="cuda")
         positions = torch.empty(16, 768, device="cuda")
         grad = torch.empty(64, 768, device="cuda")
+        bert = ForwardInputs(ids, weight, position_weight=positions, token_type_ids=ids, segment_weight=segments,
+                             position_mode=PositionMode.LEARNED, seq_len=8)
+        layernorm = NormInputs(torch.empty(768, device="cuda"), torch.empty(768, device="cuda"),
+                               int(NormMode.LAYERNORM), 1e-12, 0.1, torch.empty(1, dtype=torch.int64, device="cuda"))
+        stats = torch.empty(64, 2, device="cuda")
         return {
+            "norm-forward": traced_launches(torch.ops.embedfast.norm_forward_triton, *bert, *layernorm),
+            "norm-backward": traced_launches(torch.ops.embedfast.norm_backward_triton, grad, stats, *bert, *layernorm,
+                                             True),
             "forward-sinusoid": traced_launches(torch.ops.embedfast.forward_triton, *ForwardInputs(
                 ids, weight, token_type_ids=ids, segment_weight=segments, scale=2.0, position_mode=PositionMode.INTERLEAVED,
                 seq_len=8)),

@@ -1,0 +1,214 @@
+"""The Triton backend's norm operators: ``embedfast::norm_forward_triton`` and ``embedfast::norm_backward_triton``.
+
+Both launch ``_norm_kernel``: each program takes whole token rows (``BLOCK_D >= D``), builds the forward's sum on
+them in registers with ``triton_kernels._sum_tile`` (the same code as ``_forward_kernel``), and then
+  forward   the row's (mean, rstd) as ``spec.py`` defines them (LAYERNORM: two passes over the row in registers),
+            ``y = (x - mean) * rstd * norm_weight + norm_bias``, the dropout, one store;
+  backward  ``x_hat`` from the forward's stats, ``dy`` = grad_out under the same mask and scale, the gradient of
+            the sum; with ``norm_grads``, per-program partial sums of ``dy * x_hat`` and ``dy`` over its fixed
+            block of tokens, which the host sums over programs in a fixed order (no atomics: reproducible bits).
+The dropout mask is ``dropout.py``'s: two MurmurHash3 fmix32 rounds in uint32 over the element index and the seed,
+which the kernel reads from its 1-element device tensor (no host synchronization: CUDA-graph safe).
+Registered from ``triton_kernels`` (imported at its end); the same interpreter rules hold (see there).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .op_checks import check_forward, check_norm, check_norm_backward
+from .spec import (ForwardInputs, NormBackwardInputs, NormInputs, NormMode, PositionMode, compute_dtype, dropout_threshold,
+                   schema)
+from .triton_kernels import _float_arg, _launchable, _operator, _storage_value, _sum_tile, sum_arguments
+
+_NUM_FORWARD = len(ForwardInputs._fields)
+_LAYERNORM = tl.constexpr(NormMode.LAYERNORM.value)
+_RMSNORM = tl.constexpr(NormMode.RMSNORM.value)
+# the backward's weight and bias partial sums: at most this many programs (each a fixed block of tokens)
+MAX_PARTIAL_BLOCKS = 512
+
+
+def norm_launch_config(dim: int) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_D, num_warps)``: whole rows (``BLOCK_D >= dim``), ~2048 elements a tile (fewer rows for
+    wide ones, at least one), 4 warps, 8 from 2048 columns and 16 from 8192 (~16 fp32 values per thread)."""
+    block_d = triton.next_power_of_2(max(dim, 1))
+    num_warps = 16 if block_d >= 8192 else 8 if block_d >= 2048 else 4
+    return max(min(2048 // block_d, 16), 1), block_d, num_warps
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser on uint32 (wrapping multiplies)."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _dropout_keep(seed_ptr, elements, threshold):
+    """Whether each element index (int64) is kept: ``dropout.dropout_bits(seed, e) >= threshold``."""
+    seed = tl.load(seed_ptr)
+    seed_low = seed.to(tl.uint32)  # int64 -> uint32 keeps the low 32 bits
+    seed_high = (seed >> 32).to(tl.uint32)
+    mixed = _fmix32(elements.to(tl.uint32) ^ seed_low)
+    bits = _fmix32(mixed ^ seed_high ^ ((elements >> 32).to(tl.uint32) * 0x9E3779B9))
+    return bits.to(tl.int64) >= threshold
+
+
+@triton.jit
+def _rstd(variance, FP64: tl.constexpr):
+    """``1 / sqrt(variance)``, the square root correctly rounded (``tl.sqrt`` is approximate in float32; float64's
+    is exact) and a true division."""
+    if FP64:
+        return 1.0 / tl.sqrt(variance)
+    else:
+        return 1.0 / tl.sqrt_rn(variance)
+
+
+@triton.jit
+def _norm_kernel(
+    ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr, turns_ptr, phase_ptr, token_types_ptr, segment_ptr,
+    cu_seqlens_ptr, dim, scale: tl.float64, position_offset, num_documents, vocab_start, num_rows, seq_len, chunk_start,
+    chunk_stop, norm_weight_ptr, norm_bias_ptr, seed_ptr, stats_ptr, out_ptr, grad_ptr, partials_ptr, num_tokens,
+    tiles_per_program, eps: tl.float64, threshold, keep_scale: tl.float64,
+    POSITION: tl.constexpr, HAS_POSITION_IDS: tl.constexpr, PACKED: tl.constexpr, SEARCH_STEPS: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_TOKEN_TYPES: tl.constexpr, SHARDED: tl.constexpr, CHUNKED: tl.constexpr,
+    FP64: tl.constexpr,
+    NORM: tl.constexpr,  # a NormMode
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
+    BACKWARD: tl.constexpr,  # False: out = the norm forward's output, stats written; True: out = grad_sum
+    WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,  # the backward's partial sums, in rows 0 and 1 of partials
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    block = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_mask = cols < dim
+    math_type = tl.float64 if FP64 else tl.float32
+    if HAS_WEIGHT:
+        norm_weight = tl.load(norm_weight_ptr + cols, mask=col_mask, other=0).to(math_type)
+    if HAS_BIAS:
+        norm_bias = tl.load(norm_bias_ptr + cols, mask=col_mask, other=0).to(math_type)
+    weight_grad = tl.zeros([BLOCK_D], dtype=math_type)
+    bias_grad = tl.zeros([BLOCK_D], dtype=math_type)
+    for tile in range(tiles_per_program):  # in token order: the partial sums' order is fixed
+        tokens = (block * tiles_per_program + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_mask = tokens < num_tokens
+        mask = token_mask[:, None] & col_mask[None, :]
+        x = _sum_tile(tokens, cols, token_mask, col_mask, ids_ptr, weight_ptr, position_ids_ptr, position_weight_ptr,
+                      turns_ptr, phase_ptr, token_types_ptr, segment_ptr, cu_seqlens_ptr, dim, scale, position_offset,
+                      num_documents, vocab_start, num_rows, seq_len, chunk_start, chunk_stop, POSITION, HAS_POSITION_IDS,
+                      PACKED, SEARCH_STEPS, HAS_SEGMENTS, HAS_TOKEN_TYPES, SHARDED, CHUNKED, FP64)
+        x = tl.where(mask, x, 0)
+        if BACKWARD:
+            mean = tl.load(stats_ptr + tokens * 2, mask=token_mask, other=0).to(math_type)
+            rstd = tl.load(stats_ptr + tokens * 2 + 1, mask=token_mask, other=0).to(math_type)
+        else:
+            mean = tl.zeros([BLOCK_T], dtype=math_type)
+            if NORM == _LAYERNORM:
+                mean = tl.sum(x, axis=1) / dim
+                centred = tl.where(mask, x - mean[:, None], 0)
+                rstd = _rstd(tl.sum(centred * centred, axis=1) / dim + _float_arg(eps, math_type), FP64)
+            elif NORM == _RMSNORM:
+                rstd = _rstd(tl.sum(x * x, axis=1) / dim + _float_arg(eps, math_type), FP64)
+            else:
+                rstd = mean + 1
+            tl.store(stats_ptr + tokens * 2, mean, mask=token_mask)
+            tl.store(stats_ptr + tokens * 2 + 1, rstd, mask=token_mask)
+        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0)
+        offsets = tokens[:, None] * dim + cols[None, :]
+        if DROPOUT:
+            keep = _dropout_keep(seed_ptr, offsets, threshold)
+        if BACKWARD:
+            dy = tl.load(grad_ptr + offsets, mask=mask, other=0).to(math_type)
+            if DROPOUT:
+                dy = tl.where(keep, dy * _float_arg(keep_scale, math_type), 0)
+            if NORM == _LAYERNORM or NORM == _RMSNORM:
+                g = dy
+                if HAS_WEIGHT:
+                    g = dy * norm_weight[None, :]
+                mean_gx = tl.sum(g * x_hat, axis=1) / dim
+                if NORM == _LAYERNORM:
+                    g -= (tl.sum(g, axis=1) / dim)[:, None]
+                result = rstd[:, None] * (g - x_hat * mean_gx[:, None])
+            else:
+                result = dy
+            if WEIGHT_GRAD:
+                weight_grad += tl.sum(dy * x_hat, axis=0)
+            if BIAS_GRAD:
+                bias_grad += tl.sum(dy, axis=0)
+        else:
+            result = x_hat
+            if HAS_WEIGHT:
+                result = result * norm_weight[None, :]
+            if HAS_BIAS:
+                result = result + norm_bias[None, :]
+            if DROPOUT:
+                result = tl.where(keep, result * _float_arg(keep_scale, math_type), 0)
+        tl.store(out_ptr + offsets, _storage_value(result, out_ptr), mask=mask)
+    if WEIGHT_GRAD:
+        tl.store(partials_ptr + block * 2 * dim + cols, weight_grad, mask=col_mask)
+    if BIAS_GRAD:
+        tl.store(partials_ptr + (block * 2 + 1) * dim + cols, bias_grad, mask=col_mask)
+
+
+def _launch(forward: ForwardInputs, position_mode: PositionMode, norm: NormInputs, mode: NormMode, out: torch.Tensor,
+            stats: torch.Tensor, grad: torch.Tensor | None = None, partials: torch.Tensor | None = None,
+            tiles_per_program: int = 1, weight_grad: bool = False, bias_grad: bool = False) -> None:
+    """``_norm_kernel`` on checked inputs (the modes their checks returned): the forward (``grad`` None) or the
+    backward, ``tiles_per_program`` tiles of ``norm_launch_config`` rows a program."""
+    num_tokens, dim = forward.input_ids.shape[0], forward.weight.shape[1]
+    block_t, block_d, num_warps = norm_launch_config(dim)
+    dropout = norm.dropout_p > 0
+    grid = (triton.cdiv(num_tokens, block_t * tiles_per_program),)
+    _launchable(_norm_kernel)[grid](
+        **sum_arguments(forward, position_mode), norm_weight_ptr=norm.norm_weight, norm_bias_ptr=norm.norm_bias,
+        seed_ptr=norm.dropout_seed, stats_ptr=stats, out_ptr=out, grad_ptr=grad, partials_ptr=partials,
+        num_tokens=num_tokens, tiles_per_program=tiles_per_program, eps=norm.norm_eps,
+        threshold=dropout_threshold(norm.dropout_p) if dropout else 0,
+        keep_scale=1.0 / (1.0 - norm.dropout_p), NORM=mode.value, HAS_WEIGHT=norm.norm_weight is not None,
+        HAS_BIAS=norm.norm_bias is not None, DROPOUT=dropout, BACKWARD=grad is not None, WEIGHT_GRAD=weight_grad,
+        BIAS_GRAD=bias_grad, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
+
+
+@_operator("norm_forward", schema("norm_forward"))
+def norm_forward_triton(*inputs):
+    forward, norm = ForwardInputs(*inputs[:_NUM_FORWARD]), NormInputs(*inputs[_NUM_FORWARD:])
+    position_mode = check_forward(forward)
+    mode = check_norm(forward, norm)
+    weight = forward.weight
+    num_tokens, dim = forward.input_ids.shape[0], weight.shape[1]
+    out = torch.empty((num_tokens, dim), dtype=weight.dtype, device=weight.device)
+    stats = torch.empty((num_tokens, 2), dtype=compute_dtype(weight.dtype), device=weight.device)
+    if num_tokens > 0:
+        _launch(forward, position_mode, norm, mode, out, stats)
+    return out, stats
+
+
+@_operator("norm_backward", schema("norm_backward"))
+def norm_backward_triton(*inputs):
+    args = NormBackwardInputs(*inputs)
+    forward, norm = ForwardInputs(*inputs[2:2 + _NUM_FORWARD]), NormInputs(*inputs[2 + _NUM_FORWARD:-1])
+    mode = check_norm(forward, norm)
+    check_norm_backward(args)
+    position_mode = check_forward(forward)
+    weight = forward.weight
+    num_tokens, dim = args.grad_out.shape
+    grad_sum = torch.empty((num_tokens, dim), dtype=weight.dtype, device=weight.device)
+    wanted = [args.norm_grads and t is not None for t in (norm.norm_weight, norm.norm_bias)]
+    # a fixed block of tokens a program, from the shape alone: the partial sums and their order do not vary
+    block_t, _, _ = norm_launch_config(dim)
+    tiles_per_program = max(triton.cdiv(triton.cdiv(num_tokens, block_t), MAX_PARTIAL_BLOCKS), 1) if any(wanted) else 1
+    num_blocks = triton.cdiv(num_tokens, block_t * tiles_per_program)
+    partials = torch.zeros((num_blocks, 2, dim) if any(wanted) else (0, 2, dim), dtype=compute_dtype(weight.dtype),
+                           device=weight.device)
+    if num_tokens > 0:
+        _launch(forward, position_mode, norm, mode, grad_sum, args.stats, args.grad_out, partials, tiles_per_program,
+                *wanted)
+    # summed over programs in a fixed order (torch's reductions are deterministic)
+    weight_grad, bias_grad = (partials[:, i].sum(dim=0).to(weight.dtype) if wanted[i] else weight.new_empty(0)
+                              for i in range(2))
+    return grad_sum, weight_grad, bias_grad
