@@ -417,5 +417,6 @@ def backward_triton(*inputs):
     return token_grad_out, position_grad, segment_grad
 
 
-ops.register_fake_and_autograd("triton")
 from . import triton_norm  # noqa: E402,F401  (the norm operators, on the helpers above)
+
+ops.register_fake_and_autograd("triton")
