@@ -15,7 +15,8 @@ from embedfast.spec import TOLERANCE, ForwardInputs, NormInputs, NormMode, Posit
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from embedfast import triton_norm  # noqa: E402  (registers the operators)
+from embedfast import triton_kernels  # noqa: E402,F401  (loads the backend: its operators, fakes and derivatives)
+from embedfast import triton_norm  # noqa: E402
 
 VOCAB, SEQ_LEN, POSITIONS, SEGMENTS = 23, 5, 8, 3
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
