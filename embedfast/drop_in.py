@@ -172,10 +172,8 @@ class _ForwardArguments:
         positional = tuple(p.name for p in parameters
                            if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-        if not past:
-            return cls(positional, None if takes_any else frozenset(names), ())
-        older = past_names[:past_names.index(past[0])]
-        return cls(positional, None if takes_any else frozenset(names), (past[0], *reversed(older)))
+        older = past_names[:past_names.index(past[0])] if past else ()
+        return cls(positional, None if takes_any else frozenset(names), (*past, *reversed(older)))
 
     def bind(self, args: tuple, kwargs: dict) -> dict:
         """The call's arguments by name, or the ``TypeError`` Python raises for a call the forward cannot take."""
@@ -200,7 +198,8 @@ _BERT_PAST = ("past_key_values_length", "cache_length")
 _GPT2_ARGUMENTS = {"input_ids", "position_ids", "inputs_embeds"}
 _GPT2_PAST = ("past_key_values", "cache")
 _MODERNBERT_ARGUMENTS = {"input_ids", "inputs_embeds"}
-# what every ModernBertEmbeddings forward computes for input_ids (4.48 to 5.24; before 5.0 also, the same, compiled)
+# what ModernBertEmbeddings computes for input_ids (from 4.48, when it came; some releases also hold a
+# torch.compile'd copy of the same expression, which the fused forward replaces as well)
 _MODERNBERT_LOOKUP = "self.drop(self.norm(self.tok_embeddings(input_ids)))"
 
 
