@@ -18,13 +18,25 @@ PAD, VOCAB, DIM, MAX_POSITIONS = 1, 60, 32, 40
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
-def bert_like(kind, dtype):
+def bert_like(kind, dtype, dropout=0.0):
     config_class, model_class = {"bert": (transformers.BertConfig, transformers.BertModel),
                                  "roberta": (transformers.RobertaConfig, transformers.RobertaModel)}[kind]
     config = config_class(vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                          max_position_embeddings=MAX_POSITIONS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                          pad_token_id=PAD, type_vocab_size=2)
+                          max_position_embeddings=MAX_POSITIONS, hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0,
+                          pad_token_id=PAD, type_vocab_size=2, layer_norm_eps=1e-7)
     return model_class(config).to(dtype)
+
+
+HAS_MODERNBERT = hasattr(transformers, "ModernBertModel")  # from transformers 4.48
+
+
+def modernbert(dtype, dropout=0.0, norm_bias=False):
+    config = transformers.ModernBertConfig(
+        vocab_size=VOCAB, hidden_size=DIM, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=MAX_POSITIONS, pad_token_id=PAD, bos_token_id=2, eos_token_id=3, cls_token_id=2,
+        sep_token_id=3, norm_eps=1e-6, norm_bias=norm_bias, embedding_dropout=dropout, attention_dropout=0.0,
+        mlp_dropout=0.0, reference_compile=False)
+    return transformers.ModernBertModel(config).to(dtype)
 
 
 def gpt2(dtype):
@@ -295,3 +307,148 @@ def test_sparse_training_under_autocast_with_grad_scaler():
     changed = (word.detach() != before).any(dim=1).nonzero().flatten()
     seen = torch.unique(kwargs["input_ids"][kwargs["input_ids"] != PAD])
     assert torch.equal(changed, seen)
+
+
+# --- the LayerNorm and dropout after the sum, fused too (backend="reference": the one with norm kernels everywhere)
+
+NORM_MODELS = {"bert": lambda **o: bert_like("bert", torch.float32, **o),
+               "roberta": lambda **o: bert_like("roberta", torch.float32, **o),
+               "modernbert": lambda **o: modernbert(torch.float32, **o)}
+NORM_KINDS = ["bert", "roberta", pytest.param("modernbert", marks=pytest.mark.skipif(not HAS_MODERNBERT,
+                                                                                      reason="no ModernBERT before 4.48"))]
+
+
+def norm_and_dropout(model):
+    embeddings = model.embeddings
+    return (embeddings.norm, embeddings.drop) if hasattr(embeddings, "tok_embeddings") else (embeddings.LayerNorm, embeddings.dropout)
+
+
+def record_fused_calls(monkeypatch):
+    """The keyword arguments of every fused_input_embedding call patch_model's forwards make."""
+    calls, fused = [], embedfast.drop_in.fused_input_embedding
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(embedfast.drop_in, "fused_input_embedding", recording)
+    return calls
+
+
+def model_inputs(kind, generator, shape=(3, 9)):
+    ids = torch.randint(2, VOCAB, shape, generator=generator)
+    ids[0, -3:] = PAD
+    kwargs = {"input_ids": ids}
+    if kind != "modernbert":
+        kwargs["token_type_ids"] = torch.randint(0, 2, ids.shape, generator=generator)
+    return kwargs
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train-p0", "eval"])
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_norm_and_dropout_fused_match_unpatched(kind, train, monkeypatch):
+    """Eval, and train with dropout probability 0: the output and every gradient (the LayerNorm's included) match;
+    the fused call gets the LayerNorm's own parameters (the same objects), eps and p."""
+    model = NORM_MODELS[kind]().train(train)
+    patched, report = patched_copy(model, "reference")
+    assert "+ LayerNorm (eps=" in str(report) and "+ dropout (p=0)" in str(report) and "sum only" not in str(report)
+    assert sorted(patched.state_dict()) == sorted(model.state_dict())
+    calls = record_fused_calls(monkeypatch)
+    kwargs = model_inputs(kind, torch.Generator().manual_seed(len(kind)))
+    expected, actual = model(**kwargs).last_hidden_state, patched(**kwargs).last_hidden_state
+    norm, dropout = norm_and_dropout(patched)
+    (call,) = calls
+    assert call["norm"] == "layernorm" and call["norm_weight"] is norm.weight and call["norm_bias"] is norm.bias
+    assert call["norm_eps"] == norm.eps == (1e-6 if kind == "modernbert" else 1e-7) and call["dropout_p"] == 0
+    assert (norm.bias is None) == (kind == "modernbert")  # ModernBERT's default norm_bias=False: a LayerNorm without bias
+    torch.testing.assert_close(actual, expected, **TOLERANCE[torch.float32])
+    probe = torch.randn(expected.shape, generator=torch.Generator().manual_seed(0))
+    (expected * probe).sum().backward()
+    (actual * probe).sum().backward()
+    assert_same_gradients(model, patched, torch.float32)
+    for parameter in (norm.weight, norm.bias):
+        assert parameter is None or parameter.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", NORM_KINDS)
+def test_fused_dropout_in_training_drops_a_plausible_fraction_and_runs_backward(kind, monkeypatch):
+    p = 0.25
+    model = NORM_MODELS[kind](dropout=p)
+    patched, report = patched_copy(model, "reference")
+    assert f"+ dropout (p={p:g})" in str(report)
+    calls = record_fused_calls(monkeypatch)
+    kwargs = model_inputs(kind, torch.Generator().manual_seed(3), shape=(8, 16))
+    norm, dropout = norm_and_dropout(patched)
+    embeddings = patched.embeddings
+    out = embeddings(**kwargs)
+    assert calls[-1]["dropout_p"] == p and calls[-1]["norm_weight"] is norm.weight
+    dropped = out == 0
+    spread = 6 * math.sqrt(p * (1 - p) / out.numel())  # the fraction lies outside but with probability ~1e-9
+    assert p - spread < dropped.double().mean().item() < p + spread
+    embeddings.eval()
+    kept = embeddings(**kwargs).detach() / (1 - p)  # eval: no dropout
+    assert calls[-1]["dropout_p"] == 0
+    embeddings.train()
+    torch.testing.assert_close(out[~dropped], kept[~dropped], rtol=1e-5, atol=1e-5)
+
+    hidden = patched(**kwargs).last_hidden_state
+    (hidden * torch.randn(hidden.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
+    for name, parameter in patched.named_parameters():
+        if name.startswith("pooler."):  # (BERT's pooler is not in last_hidden_state)
+            continue
+        assert parameter.grad is not None and torch.isfinite(parameter.grad.to_dense()).all(), name
+    assert norm.weight.grad.abs().max() > 0
+
+
+def test_layernorm_without_affine_weight_fuses_the_sum_only():
+    model = bert_like("bert", torch.float32).eval()
+    model.embeddings.LayerNorm = nn.LayerNorm(DIM, eps=1e-7, elementwise_affine=False)
+    patched, report = patched_copy(model, "reference")
+    assert "learned positions; sum only (its LayerNorm has no elementwise_affine weight; it runs as before)" in str(report)
+    kwargs = inputs("bert", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(output(patched, kwargs), output(model, kwargs))
+
+
+def test_hooks_on_the_layernorm_still_run():
+    model = bert_like("bert", torch.float32).eval()
+    patched, _ = patched_copy(model, "reference")
+    seen = []
+    patched.embeddings.LayerNorm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    kwargs = inputs("bert", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(output(patched, kwargs), output(model, kwargs))
+    assert seen == [(3, 9, DIM)]
+
+
+def test_a_backend_without_norm_kernels_runs_the_layernorm_unfused(monkeypatch):
+    model = bert_like("roberta", torch.float32).eval()
+    patched, _ = patched_copy(model, "reference")
+    monkeypatch.setattr(embedfast.drop_in, "_has_norm_kernel", lambda backend, device_type: False)
+    calls = record_fused_calls(monkeypatch)
+    kwargs = inputs("roberta", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(output(patched, kwargs), output(model, kwargs))
+    assert "norm" not in calls[-1]
+
+
+def test_blocks_whose_math_differs_are_left_as_is():
+    """BigBird drops out before its LayerNorm; ERNIE adds task-type rows the fused sum has no table for."""
+    config = dict(vocab_size=VOCAB, hidden_size=DIM, num_attention_heads=2, max_position_embeddings=MAX_POSITIONS,
+                  pad_token_id=PAD)
+    big_bird = transformers.models.big_bird.modeling_big_bird.BigBirdEmbeddings(transformers.BigBirdConfig(**config))
+    ernie = transformers.models.ernie.modeling_ernie.ErnieEmbeddings(transformers.ErnieConfig(use_task_id=True, **config))
+    for module, reason in ((big_bird, "but applies dropout then LayerNorm"), (ernie, "task_type_ids")):
+        original = type(module)
+        with pytest.warns(UserWarning, match="unchanged"):
+            report = embedfast.patch_model(nn.Sequential(module))
+        assert type(module) is original and reason in str(report), str(report)
+
+
+@pytest.mark.skipif(not HAS_MODERNBERT, reason="no ModernBERT before 4.48")
+def test_modernbert_inputs_embeds_and_a_norm_with_bias():
+    model = modernbert(torch.float32, norm_bias=True).eval()
+    patched, report = patched_copy(model, "reference")
+    assert "no positions; lookup + LayerNorm (eps=1e-06) + dropout (p=0)" in str(report)
+    ids = torch.randint(2, VOCAB, (2, 5))
+    embeds = model.embeddings.tok_embeddings(ids)
+    torch.testing.assert_close(patched.embeddings(inputs_embeds=embeds), model.embeddings(inputs_embeds=embeds))
+    torch.testing.assert_close(patched.embeddings(ids), model.embeddings(ids))
+    torch.testing.assert_close(patched(ids).last_hidden_state, model(ids).last_hidden_state)
