@@ -56,7 +56,8 @@ class Problem:
 
     @property
     def norm_mode(self) -> bool:
-        """A norm and / or dropout after the sum: the fused module with them against eager / compiled HF-style blocks."""
+        """A norm and / or dropout after the sum: the fused module with them against eager and compiled HF-style
+        blocks."""
         return self.norm is not None or self.dropout > 0
 
     @property
@@ -155,7 +156,7 @@ class Contenders:
                 self.norm_layer = kind(p.dim, eps=NORM_EPS, device=p.device, dtype=p.dtype)
                 self.norm_layer.load_state_dict({"weight": first.norm_weight.detach(), **(
                     {"bias": first.norm_bias.detach()} if first.norm_bias is not None else {})})
-            self.dropout_layer = nn.Dropout(p.dropout)
+            self.dropout_layer = nn.Dropout(p.dropout) if p.dropout > 0 else nn.Identity()
             self.train(True)
         # torch.compile cannot make the sparse gradient: the norm rows compile the dense one (the header says so)
         self.compiled = torch.compile(self.eager_dense if p.norm_mode else self.eager)
@@ -478,11 +479,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{position} positions{norm}, {'sparse' if sparse else 'dense'} token gradient; median of {repeats} "
                       "rounds")
                 if norm_mode:
-                    print(f"eager: F.embedding sum, then {_norm_layer_name(args.norm)}nn.Dropout; torch.compile of it"
+                    print(f"eager: F.embedding sum, then {_tail_name(args.norm, args.dropout)}; torch.compile of it"
                           f"{' with the dense token gradient (it cannot make the sparse one)' if sparse else ''}; "
-                          f"{FWD_BWD}: one forward and its backward; floor: gather{' then scaled copy' if FWD_BWD in directions else ''}"
-                          "; bytes: token rows, output, position / segment rows, ids, 8 B/token of mean and rstd, the "
-                          "norm's weight and bias; the backward adds grad_out, the token rows again, the gradients")
+                          f"{FWD_BWD}: one forward and its backward; floor: gather (for {FWD_BWD} then the scaled copy "
+                          "of grad_out)"
+                          "; bytes: token rows, output, position / segment rows, ids and, with a norm, 8 B/token of statistics "
+                          "and its weight and bias; the backward adds grad_out, the token rows again, the gradients")
                 print(format_table(problem, results))
                 report["runs"].append({"problem": {**dataclasses.asdict(problem), "dtype": dtype_name},
                                        "results": [dataclasses.asdict(r) for r in results]})
@@ -503,8 +505,10 @@ def _directions(direction: str, timed_forward: bool, norm_mode: bool = False) ->
     return [FWD_BWD if d == "backward" and norm_mode else d for d in wanted if d == "backward" or timed_forward]
 
 
-def _norm_layer_name(norm: str | None) -> str:
-    return {None: "", "layernorm": "nn.LayerNorm, ", "rmsnorm": "nn.RMSNorm, "}[norm]
+def _tail_name(norm: str | None, dropout: float) -> str:
+    """The eager layers after the sum, in order."""
+    layers = [{"layernorm": "nn.LayerNorm", "rmsnorm": "nn.RMSNorm"}[norm]] if norm else []
+    return ", ".join(layers + ([f"nn.Dropout({dropout:g})"] if dropout > 0 else []))
 
 
 def _points(args: argparse.Namespace, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
