@@ -10,6 +10,7 @@ is first checked against the float64 reference; one that disagrees is marked and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,8 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .backends import available_backends, cpu_info
 from .module import FusedInputEmbedding
@@ -32,6 +35,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # glibc's allocator returns big freed blocks to the OS, so every 50 MB output page-faults again; these keep
 # them (set for every contender alike: the launcher re-executes itself with them)
 MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+NORM_EPS = 1e-5  # the fused module's default norm_eps, given to nn.LayerNorm / nn.RMSNorm alike
+FWD_BWD = "fwd+bwd"  # the direction of the norm / dropout rows: one forward (training mode) and its backward
 
 
 @dataclasses.dataclass
@@ -46,6 +51,14 @@ class Problem:
     position: str
     past_length: int = 0  # default positions start here (a decode step)
     sparse: bool = True  # the token table's gradient
+    norm: str | None = None  # "layernorm" / "rmsnorm" after the sum (--norm)
+    dropout: float = 0.0  # after the norm, in training mode (--dropout)
+
+    @property
+    def norm_mode(self) -> bool:
+        """A norm and / or dropout after the sum: the fused module with them against eager and compiled HF-style
+        blocks."""
+        return self.norm is not None or self.dropout > 0
 
     @property
     def tokens(self) -> int:
@@ -57,8 +70,23 @@ class Problem:
 
     def bytes_moved(self, direction: str) -> int:
         """The least the fused operator must move: token rows in, output rows out (forward; backward: grad rows in,
-        sparse values out, or the whole dense (vocab, dim) gradient out), the ids, the small tables."""
+        sparse values out, or the whole dense (vocab, dim) gradient out), the ids, the small tables. With a norm:
+        also the float32 mean and rstd of each token (8 bytes, written forward and read backward), the norm's
+        weight and bias (read; their gradients written backward) and, backward, the token rows read again to
+        recompute the sum. The dropout mask is regenerated from a seed: no bytes. ``fwd+bwd`` is the sum of both."""
+        if direction == FWD_BWD:
+            return self.bytes_moved("forward") + self.bytes_moved("backward")
         element = torch.empty((), dtype=self.dtype).element_size()
+        if self.norm_mode:
+            norm_params = {None: 0, "rmsnorm": 1, "layernorm": 2}[self.norm] * self.dim * element
+            stats = 8 * self.tokens if self.norm else 0
+            if direction == "forward":
+                return self._table_bytes(direction, element) + stats + norm_params
+            recompute = self.tokens * self.dim * element if self.norm else 0
+            return self._table_bytes(direction, element) + stats + 2 * norm_params + recompute
+        return self._table_bytes(direction, element)
+
+    def _table_bytes(self, direction: str, element: int) -> int:
         rows_out = self.tokens if direction == "forward" or self.sparse else self.vocab
         rows = (self.tokens + rows_out) * self.dim * element
         ids = self.tokens * 8 * (1 + (self.segments > 0))
@@ -68,6 +96,12 @@ class Problem:
     def label(self) -> str:
         past = f" (past_length {self.past_length})" if self.past_length else ""
         return f"{self.batch} x {self.seq_len}{past}"
+
+    def norm_label(self) -> str:
+        """What follows the sum: the norm then the dropout (as BertEmbeddings), in training mode."""
+        parts = [self.norm] if self.norm else []
+        parts += [f"dropout {self.dropout:g}"] if self.dropout > 0 else []
+        return " + ".join(parts) + " after the sum, training mode"
 
 
 @dataclasses.dataclass
@@ -96,7 +130,8 @@ class Contenders:
         for name in backends or ["reference"]:
             module = FusedInputEmbedding(p.vocab, p.dim, num_segments=p.segments, position=p.position,
                                          max_positions=p.positions if p.position == "learned" else None,
-                                         sparse=p.sparse, backend=name, device=p.device, dtype=p.dtype)
+                                         sparse=p.sparse, backend=name, device=p.device, dtype=p.dtype,
+                                         norm=p.norm, norm_eps=NORM_EPS, dropout=p.dropout)
             if self.modules:  # every contender shares the first module's tables
                 module.load_state_dict(next(iter(self.modules.values())).state_dict())
             self.modules[name] = module
@@ -113,13 +148,48 @@ class Contenders:
         # the dense gradient's floor clears a (vocab, dim) result
         self.dense_out = None if p.sparse else torch.empty(p.vocab, p.dim, dtype=p.dtype, device=p.device)
         self.grad_out = torch.randn(p.batch, p.seq_len, p.dim, generator=generator).to(p.device, p.dtype)
-        self.compiled = torch.compile(self.eager)
+        self.norm_layer = self.dropout_layer = None
+        if p.norm_mode:  # BertEmbeddings' tail: the norm, then the dropout; the norm's parameters are the module's
+            self.norm_layer = nn.Identity()
+            if p.norm:
+                kind = nn.LayerNorm if p.norm == "layernorm" else nn.RMSNorm
+                self.norm_layer = kind(p.dim, eps=NORM_EPS, device=p.device, dtype=p.dtype)
+                self.norm_layer.load_state_dict({"weight": first.norm_weight.detach(), **(
+                    {"bias": first.norm_bias.detach()} if first.norm_bias is not None else {})})
+            self.dropout_layer = nn.Dropout(p.dropout) if p.dropout > 0 else nn.Identity()
+            self.train(True)
+        # torch.compile cannot make the sparse gradient: the norm rows compile the dense one (the header says so)
+        self.compiled = torch.compile(self.eager_dense if p.norm_mode else self.eager)
 
-    def eager(self, ids, types):
-        """The unfused PyTorch a user would write: nn.Embedding lookups (sparse or dense gradient), scale, adds."""
-        return unfused_input_embedding(ids, self.weight, scale=self.scale, position_table=self.position_table,
-                                       position_ids=self.positions if self.position_table is not None else None,
-                                       segment_weight=self.segment_weight, token_type_ids=types, sparse=self.problem.sparse)
+    def eager(self, ids, types, sparse: bool | None = None):
+        """The unfused PyTorch a user would write: nn.Embedding lookups (sparse or dense gradient), scale, adds;
+        with a norm / dropout, then nn.LayerNorm or nn.RMSNorm, then nn.Dropout (as BertEmbeddings)."""
+        out = unfused_input_embedding(ids, self.weight, scale=self.scale, position_table=self.position_table,
+                                      position_ids=self.positions if self.position_table is not None else None,
+                                      segment_weight=self.segment_weight, token_type_ids=types,
+                                      sparse=self.problem.sparse if sparse is None else sparse)
+        if self.norm_layer is not None:
+            out = self.dropout_layer(self.norm_layer(out))
+        return out
+
+    def eager_dense(self, ids, types):
+        """``eager`` with the dense token gradient: what torch.compile of the norm / dropout block is given."""
+        return self.eager(ids, types, sparse=False)
+
+    def train(self, mode: bool) -> None:
+        """Training mode (dropout on) or eval mode for every contender with a dropout."""
+        for module in (*self.modules.values(), self.dropout_layer):
+            if module is not None:
+                module.train(mode)
+
+    @contextlib.contextmanager
+    def checking(self):
+        """The check against the float64 truth: without dropout (its masks differ between contenders)."""
+        self.train(False)
+        try:
+            yield
+        finally:
+            self.train(True)
 
     def forward_fns(self) -> dict[str, Callable[[], torch.Tensor]]:
         past = self.problem.past_length
@@ -138,28 +208,44 @@ class Contenders:
         return lambda: destination.copy_(source)
 
     def backward_fn(self, name: str, forward: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        """The backward of one forward (retained graph); with a norm / dropout (``fwd+bwd``) a forward and its
+        backward each call, the floor being the forward's gather then the backward's scaled copy."""
+        direction = FWD_BWD if self.problem.norm_mode else "backward"
         if name == "copy":
-            return self.copy_fn("backward")
+            return self.copy_fn(direction)
         if name == "floor":
             grad = self.grad_out.view(-1, self.problem.dim)
+            scaled = lambda: torch.mul(grad, self.scale, out=self.gather_out)  # noqa: E731
             if self.dense_out is not None:
-                return lambda: (self.dense_out.zero_(), torch.mul(grad, self.scale, out=self.gather_out))
-            return lambda: torch.mul(grad, self.scale, out=self.gather_out)
-        out = forward()
-        params = [t for t in (self.weight, self.segment_weight, self.position_weight) if t is not None]
+                backward = lambda: (self.dense_out.zero_(), scaled())  # noqa: E731
+            else:
+                backward = scaled
+            return (lambda: (forward(), backward())) if self.problem.norm_mode else backward
+        tables = self.weight, self.segment_weight, self.position_weight, *(
+            () if self.norm_layer is None else self.norm_layer.parameters())
         if name.startswith("embedfast["):
             module = self.modules[name[len("embedfast["):-1]]
-            params = [t for t in (module.weight, module.segment_weight, module.position_weight) if t is not None]
+            tables = module.weight, module.segment_weight, module.position_weight, module.norm_weight, module.norm_bias
+        params = [t for t in tables if t is not None]
+        if self.problem.norm_mode:
+            return lambda: torch.autograd.grad(forward(), params, self.grad_out)
+        out = forward()
         return lambda: torch.autograd.grad(out, params, self.grad_out, retain_graph=True)
 
     def truth(self) -> torch.Tensor:
         table = None if self.position_table is None else (
             sinusoidal_positions(self.problem.positions, self.problem.dim, dtype=torch.float64, device=self.problem.device)
             if self.problem.position == "sinusoidal" else self.position_table.double())
-        return unfused_input_embedding(
+        out = unfused_input_embedding(
             self.ids, self.weight.double(), scale=self.scale, position_table=table,
             position_ids=self.positions if table is not None else None,
             segment_weight=None if self.segment_weight is None else self.segment_weight.double(), token_type_ids=self.types)
+        if self.problem.norm == "layernorm":
+            out = F.layer_norm(out, (self.problem.dim,), self.norm_layer.weight.double(), self.norm_layer.bias.double(),
+                               NORM_EPS)
+        elif self.problem.norm == "rmsnorm":
+            out = F.rms_norm(out, (self.problem.dim,), self.norm_layer.weight.double(), NORM_EPS)
+        return out  # (no dropout: the check runs in eval mode)
 
 
 def time_once_ms(fn: Callable[[], object], device: str) -> float:
@@ -205,8 +291,13 @@ def run(problem: Problem, backends: list[str], directions: list[str], warmup: in
     forward_fns = {}
     for name, forward in contenders.forward_fns().items():
         if name not in ("floor", "copy"):
-            with torch.no_grad():
-                error = float((forward().double() - expected).abs().max())
+            with torch.no_grad(), contenders.checking():
+                try:
+                    error = float((forward().double() - expected).abs().max())
+                except NotImplementedError as e:  # a backend without norm / dropout kernels (yet)
+                    reason = str(e).strip().split(". ")[0][:120]
+                    results += [Result(name, d, None, None, status=f"NOT RUN ({reason})") for d in directions]
+                    continue
             if error > tol * float(expected.abs().max()):
                 results += [Result(name, d, None, None, status=f"MISMATCH (max error {error:.3g})") for d in directions]
                 continue
@@ -283,6 +374,9 @@ def _size(nbytes: int) -> str:
 # (batch, seq_len, past_length): a decode step, 64 decode steps at once, training batches, one long sequence
 SHAPES = ("1x1", "64x1+100", "8x512", "32x512", "1x8192")
 QUICK_SHAPES = ("1x1", "8x512")
+# with --norm / --dropout: BERT-like training batches (learned positions, 512 of them)
+NORM_SHAPES = ("8x512", "32x512")
+NORM_QUICK_SHAPES = ("8x512",)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
@@ -308,11 +402,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--vocab", type=int, default=30522)
     parser.add_argument("--segments", type=int, default=2)
-    parser.add_argument("--position", choices=POSITION_ENCODINGS, default="sinusoidal")
+    parser.add_argument("--position", choices=POSITION_ENCODINGS,
+                        help="the position encoding (default: sinusoidal; learned with --norm / --dropout)")
     parser.add_argument("--backends", nargs="+", help="embedfast backends to time (default: every available one)")
     parser.add_argument("--direction", choices=["forward", "backward", "both"], default="both")
     parser.add_argument("--grad", choices=["sparse", "dense"], nargs="+", default=["sparse", "dense"],
                         help="token-table gradients to time the backward with (the forward is timed once)")
+    parser.add_argument("--norm", choices=["layernorm", "rmsnorm"],
+                        help="a norm after the sum: the fused module with it against the unfused sum then nn.LayerNorm "
+                             "/ nn.RMSNorm (then nn.Dropout), eager and compiled; the backward rows become fwd+bwd")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="dropout probability after the norm (training mode), as --norm (default 0: none)")
     parser.add_argument("--sweep", choices=["tokens", "dim"], help="time each contender over growing work")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="draw the results as a PNG (needs matplotlib)")
@@ -341,7 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.device.startswith("cuda"):
         _reexec_with_allocator_settings(argv[1:])
-    shapes = args.shapes or [parse_shape(s) for s in (QUICK_SHAPES if args.quick else SHAPES)]
+    norm_mode = args.norm is not None or args.dropout > 0
+    if not 0 <= args.dropout < 1:
+        print(f"embedfast bench: --dropout must be in [0, 1), got {args.dropout}", file=sys.stderr)
+        return 2
+    position = args.position or ("learned" if norm_mode else "sinusoidal")
+    default_shapes = (NORM_QUICK_SHAPES if args.quick else NORM_SHAPES) if norm_mode else (
+        QUICK_SHAPES if args.quick else SHAPES)
+    shapes = args.shapes or [parse_shape(s) for s in default_shapes]
     warmup = 2 if args.quick else 3
     backends = args.backends or available_backends(args.device)
     missing = [b for b in backends if b not in available_backends(args.device)]
@@ -359,17 +466,25 @@ def main(argv: list[str] | None = None) -> int:
         for batch, seq_len, past_length, dim in _points(args, shapes):
             for index, grad in enumerate(args.grad):
                 sparse = grad == "sparse"
-                directions = _directions(args.direction, timed_forward=index == 0)
+                directions = _directions(args.direction, timed_forward=index == 0, norm_mode=norm_mode)
                 if not directions:
                     continue
                 problem = Problem(args.device, DTYPES[dtype_name], batch, seq_len, dim, args.vocab, args.segments,
-                                  args.position, past_length, sparse)
+                                  position, past_length, sparse, args.norm, args.dropout)
                 repeats = args.repeats or (5 if args.quick else 200 if problem.tokens <= 64 else 20)
                 results = run(problem, backends, directions, warmup, repeats, progress)
                 print("\r" + " " * 72 + "\r", end="", file=sys.stderr)
+                norm = f", {problem.norm_label()}" if norm_mode else ""
                 print(f"\n{dtype_name}: {problem.label()} tokens, dim {dim}, vocab {args.vocab}, {args.segments} segments, "
-                      f"{args.position} positions, {'sparse' if sparse else 'dense'} token gradient; median of {repeats} "
+                      f"{position} positions{norm}, {'sparse' if sparse else 'dense'} token gradient; median of {repeats} "
                       "rounds")
+                if norm_mode:
+                    print(f"eager: F.embedding sum, then {_tail_name(args.norm, args.dropout)}; torch.compile of it"
+                          f"{' with the dense token gradient (it cannot make the sparse one)' if sparse else ''}; "
+                          f"{FWD_BWD}: one forward and its backward; floor: gather (for {FWD_BWD} then the scaled copy "
+                          "of grad_out)"
+                          "; bytes: token rows, output, position / segment rows, ids and, with a norm, 8 B/token of statistics "
+                          "and its weight and bias; the backward adds grad_out, the token rows again, the gradients")
                 print(format_table(problem, results))
                 report["runs"].append({"problem": {**dataclasses.asdict(problem), "dtype": dtype_name},
                                        "results": [dataclasses.asdict(r) for r in results]})
@@ -383,10 +498,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _directions(direction: str, timed_forward: bool) -> list[str]:
-    """The directions of one gradient mode's problem: the forward only with the first mode (it is the same)."""
+def _directions(direction: str, timed_forward: bool, norm_mode: bool = False) -> list[str]:
+    """The directions of one gradient mode's problem: the forward only with the first mode (it is the same).
+    With a norm / dropout the backward is timed with its forward (``fwd+bwd``): each call draws a fresh mask."""
     wanted = ["forward", "backward"] if direction == "both" else [direction]
-    return [d for d in wanted if d == "backward" or timed_forward]
+    return [FWD_BWD if d == "backward" and norm_mode else d for d in wanted if d == "backward" or timed_forward]
+
+
+def _tail_name(norm: str | None, dropout: float) -> str:
+    """The eager layers after the sum, in order."""
+    layers = [{"layernorm": "nn.LayerNorm", "rmsnorm": "nn.RMSNorm"}[norm]] if norm else []
+    return ", ".join(layers + ([f"nn.Dropout({dropout:g})"] if dropout > 0 else []))
 
 
 def _points(args: argparse.Namespace, shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int, int]]:
