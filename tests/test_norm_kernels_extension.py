@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from embedfast.backends import unavailable_reason
-from embedfast.dropout import draw_seed
+from embedfast.dropout import draw_seed, keep_mask
 from embedfast.reference import reference_norm_backward, reference_norm_forward
-from embedfast.spec import TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, compute_dtype
+from embedfast.spec import (TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, compute_dtype,
+                            dropout_threshold)
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(unavailable_reason("extension", CPU) is not None,
@@ -66,7 +67,13 @@ def _assert_close(actual, expected, dtype, scale=None, factor=4.0):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=tolerance, atol=tolerance * max(scale, 1.0))
 
 
-def _assert_same_mask(actual, expected):
+def _assert_same_mask(actual, expected, norm):
+    """The dropped elements (dropout.keep_mask) are zeros in both; the kept ones are compared by value."""
+    keep = keep_mask(norm.dropout_seed, actual.shape[0], actual.shape[1], dropout_threshold(norm.dropout_p))
+    assert not actual[~keep].any() and not expected[~keep].any()
+
+
+def _assert_same_zeros(actual, expected):
     assert torch.equal(actual == 0, expected == 0), f"{int(((actual == 0) != (expected == 0)).sum())} elements differ"
 
 
@@ -78,14 +85,15 @@ def _check(forward, norm, norm_grads=True):
     _assert_close(stats, ref_stats, compute_dtype(dtype) if dtype == torch.float64 else torch.float32)
     _assert_close(out, ref_out, dtype)
     if norm.dropout_p > 0:
-        _assert_same_mask(out, ref_out)
+        _assert_same_mask(out, ref_out, norm)
+        _assert_same_zeros(out, ref_out)
     grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
     inputs = (grad_out, ref_stats, *forward, *norm, norm_grads)
     grads = torch.ops.embedfast.norm_backward_extension(*inputs)
     ref_grads = reference_norm_backward(*inputs)
     _assert_close(grads[0], ref_grads[0], dtype)
-    if norm.dropout_p > 0:
-        _assert_same_mask(grads[0], ref_grads[0])
+    if norm.dropout_p > 0 and norm.norm_mode == NormMode.NONE:  # grad_sum is the masked grad_out
+        _assert_same_mask(grads[0], ref_grads[0], norm)
     tokens = max(forward.input_ids.numel(), 1)
     for grad, ref in zip(grads[1:], ref_grads[1:]):  # sums over the tokens
         _assert_close(grad, ref, dtype, scale=float(ref.double().abs().max()) if ref.numel() else 0.0,

@@ -40,9 +40,16 @@ namespace norm_rows {
 
 constexpr int64_t kLanes = 16;
 
+// Into the row kernels (EMBEDFAST_ROW_KERNEL): compiled for each of their instruction sets.
+#if defined(__GNUC__)
+#define EMBEDFAST_INLINE inline __attribute__((always_inline))
+#else
+#define EMBEDFAST_INLINE inline
+#endif
+
 // sum of value(j) over j < dim in a fixed order: kLanes running sums, combined pairwise, then the tail.
 template <typename acc_t, typename Value>
-inline acc_t lane_sum(int64_t dim, const Value& value) {
+EMBEDFAST_INLINE acc_t lane_sum(int64_t dim, const Value& value) {
   acc_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= dim; j += kLanes) {
@@ -56,9 +63,38 @@ inline acc_t lane_sum(int64_t dim, const Value& value) {
   return lanes[0] + tail;
 }
 
+// The dropout of the elements first, first + 1, ... of one row, on 32-bit lanes (kernel_math.h), and a call of
+// body(kept) with it: the row's elements share their high 32 bits unless the row crosses a multiple of 2^32.
+struct RowMask {
+  uint32_t seed_low, key, first, threshold;
+  EMBEDFAST_INLINE bool operator()(int64_t j) const {
+    return dropout_bits(seed_low, key, first + static_cast<uint32_t>(j)) >= threshold;
+  }
+};
+
+template <typename acc_t, typename Body>
+EMBEDFAST_INLINE void with_row_mask(const NormEpilogue<acc_t>& epilogue, uint64_t first, int64_t dim, const Body& body) {
+  const auto low = static_cast<uint32_t>(first);
+  if (static_cast<uint64_t>(low) + static_cast<uint64_t>(dim) <= (uint64_t{1} << 32)) {
+    body(RowMask{static_cast<uint32_t>(epilogue.seed), dropout_key(epilogue.seed, static_cast<uint32_t>(first >> 32)),
+                 low, epilogue.threshold});
+  } else {
+    body([&](int64_t j) { return epilogue.kept(first + j); });
+  }
+}
+
+// The dropout in place: dropped values 0, kept ones scaled (separate from the rounding: both loops vectorize).
+template <typename acc_t>
+EMBEDFAST_INLINE void drop(acc_t* __restrict__ values, const NormRow<acc_t>& row, uint64_t first_element) {
+  const acc_t keep_scale = row.epilogue.keep_scale;
+  with_row_mask(row.epilogue, first_element, row.dim, [&](const auto& kept) {
+    for (int64_t j = 0; j < row.dim; ++j) values[j] = kept(j) ? values[j] * keep_scale : acc_t(0);
+  });
+}
+
 // x = the forward's sum of one token, in the math dtype, never rounded
 template <typename scalar_t, typename position_t, typename acc_t>
-inline void sum_row(acc_t* __restrict__ x, const scalar_t* __restrict__ token, const position_t* __restrict__ position,
+EMBEDFAST_INLINE void sum_row(acc_t* __restrict__ x, const scalar_t* __restrict__ token, const position_t* __restrict__ position,
                     const scalar_t* __restrict__ segment, acc_t scale, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) {
     x[j] = combine(static_cast<acc_t>(token[j]), scale, static_cast<acc_t>(position[j]), static_cast<acc_t>(segment[j]));
@@ -66,7 +102,7 @@ inline void sum_row(acc_t* __restrict__ x, const scalar_t* __restrict__ token, c
 }
 
 template <typename scalar_t, typename position_t, typename acc_t = math_t<scalar_t>>
-inline void forward_row(scalar_t* __restrict__ out, acc_t* __restrict__ stats, acc_t* __restrict__ x,
+EMBEDFAST_INLINE void forward_row(scalar_t* __restrict__ out, acc_t* __restrict__ stats, acc_t* __restrict__ x,
                         const scalar_t* token, const position_t* position, const scalar_t* segment, acc_t scale,
                         const NormRow<acc_t>& row, uint64_t first_element) {
   const int64_t dim = row.dim;
@@ -83,34 +119,30 @@ inline void forward_row(scalar_t* __restrict__ out, acc_t* __restrict__ stats, a
   stats[1] = rstd;
   const acc_t* __restrict__ weight = row.weight;
   const acc_t* __restrict__ bias = row.bias;
-  if (!row.epilogue.dropout) {
-    for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<scalar_t>((x[j] - mean) * rstd * weight[j] + bias[j]);
-    return;
-  }
-  const NormEpilogue<acc_t> epilogue = row.epilogue;
-  for (int64_t j = 0; j < dim; ++j) {
-    const acc_t value = (x[j] - mean) * rstd * weight[j] + bias[j];
-    out[j] = static_cast<scalar_t>(epilogue.kept(first_element + j) ? value * epilogue.keep_scale : acc_t(0));
-  }
+  for (int64_t j = 0; j < dim; ++j) x[j] = (x[j] - mean) * rstd * weight[j] + bias[j];
+  if (row.epilogue.dropout) drop(x, row, first_element);
+  for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<scalar_t>(x[j]);
+}
+
+// dy = grad in the math dtype, with the forward's mask
+template <typename scalar_t, typename acc_t>
+EMBEDFAST_INLINE void masked_row(acc_t* __restrict__ dy, const scalar_t* __restrict__ grad, const NormRow<acc_t>& row,
+                                 uint64_t first_element) {
+  for (int64_t j = 0; j < row.dim; ++j) dy[j] = static_cast<acc_t>(grad[j]);
+  if (row.epilogue.dropout) drop(dy, row, first_element);
 }
 
 // dy = grad_out with the forward's mask; x_hat = (x - mean) * rstd; g = dy * w;
 // grad_sum = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) (RMSNORM: without mean(g)); partial sums
 // weight_partial += dy * x_hat, bias_partial += dy (either may be null).
 template <typename scalar_t, typename position_t, typename acc_t = math_t<scalar_t>>
-inline void backward_row(scalar_t* __restrict__ out, acc_t* __restrict__ weight_partial, acc_t* __restrict__ bias_partial,
+EMBEDFAST_INLINE void backward_row(scalar_t* __restrict__ out, acc_t* __restrict__ weight_partial, acc_t* __restrict__ bias_partial,
                          acc_t* __restrict__ x, acc_t* __restrict__ dy, const scalar_t* __restrict__ grad,
                          const acc_t* stats, const scalar_t* token, const position_t* position, const scalar_t* segment,
                          acc_t scale, const NormRow<acc_t>& row, uint64_t first_element) {
   const int64_t dim = row.dim;
-  const NormEpilogue<acc_t> epilogue = row.epilogue;
-  if (epilogue.dropout) {
-    for (int64_t j = 0; j < dim; ++j) {
-      dy[j] = epilogue.kept(first_element + j) ? static_cast<acc_t>(grad[j]) * epilogue.keep_scale : acc_t(0);
-    }
-  } else {
-    for (int64_t j = 0; j < dim; ++j) dy[j] = static_cast<acc_t>(grad[j]);
-  }
+  const NormEpilogue<acc_t>& epilogue = row.epilogue;
+  masked_row(dy, grad, row, first_element);
   sum_row(x, token, position, segment, scale, dim);
   const acc_t mean = stats[0], rstd = stats[1];
   for (int64_t j = 0; j < dim; ++j) x[j] = (x[j] - mean) * rstd;
@@ -128,16 +160,6 @@ inline void backward_row(scalar_t* __restrict__ out, acc_t* __restrict__ weight_
   }
 }
 
-// NONE: grad_sum = grad_out with the forward's mask
-template <typename scalar_t, typename acc_t = math_t<scalar_t>>
-inline void masked_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ grad, const NormRow<acc_t>& row,
-                       uint64_t first_element) {
-  const NormEpilogue<acc_t> epilogue = row.epilogue;
-  for (int64_t j = 0; j < row.dim; ++j) {
-    out[j] = static_cast<scalar_t>(epilogue.kept(first_element + j) ? static_cast<acc_t>(grad[j]) * epilogue.keep_scale
-                                                                    : acc_t(0));
-  }
-}
 
 // The row functions, one compiled (twice: EMBEDFAST_ROW_KERNEL) per storage dtype and position row type.
 #define EMBEDFAST_NORM_ROW_KERNELS(scalar_t, position_t)                                                            \
@@ -155,10 +177,11 @@ inline void masked_row(scalar_t* __restrict__ out, const scalar_t* __restrict__ 
     backward_row(out, weight_partial, bias_partial, x, dy, grad, stats, token, position, segment, scale, row,      \
                  first_element);                                                                                     \
   }
-#define EMBEDFAST_MASKED_ROW_KERNEL(scalar_t)                                                                        \
-  EMBEDFAST_ROW_KERNEL void norm_masked_row(scalar_t* out, const scalar_t* grad, const NormRow<math_t<scalar_t>>& row, \
-                                            uint64_t first_element) {                                                \
-    masked_row(out, grad, row, first_element);                                                                       \
+#define EMBEDFAST_MASKED_ROW_KERNEL(scalar_t)                                                                         \
+  EMBEDFAST_ROW_KERNEL void norm_masked_row(scalar_t* out, math_t<scalar_t>* dy, const scalar_t* grad,                \
+                                            const NormRow<math_t<scalar_t>>& row, uint64_t first_element) {          \
+    masked_row(dy, grad, row, first_element);                                                                         \
+    for (int64_t j = 0; j < row.dim; ++j) out[j] = static_cast<scalar_t>(dy[j]);                                      \
   }
 
 EMBEDFAST_NORM_ROW_KERNELS(float, float)
@@ -174,6 +197,7 @@ EMBEDFAST_MASKED_ROW_KERNEL(c10::BFloat16)
 #undef EMBEDFAST_MASKED_ROW_KERNEL
 #undef EMBEDFAST_NORM_ROW_KERNELS
 
+#undef EMBEDFAST_INLINE
 }  // namespace norm_rows
 
 namespace {
@@ -283,7 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(const NormBackw
           }
           at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
             for (int64_t n = begin; n < end; ++n) {
-              norm_rows::norm_masked_row(output + n * dim, grad + n * dim, call.row, static_cast<uint64_t>(n * dim));
+              norm_rows::norm_masked_row(output + n * dim, scratch<acc_t>(dim), grad + n * dim, call.row,
+                                         static_cast<uint64_t>(n * dim));
             }
           });
           return;

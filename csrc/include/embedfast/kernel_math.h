@@ -68,9 +68,19 @@ C10_HOST_DEVICE inline uint32_t fmix32(uint32_t h) {
   return h ^ (h >> 16);
 }
 
+// The second round's key of the elements whose high 32 bits are `high`: a row's elements share it (but at a
+// multiple of 2^32), so a row loop works on 32-bit lanes.
+C10_HOST_DEVICE inline uint32_t dropout_key(uint64_t seed, uint32_t high) {
+  return static_cast<uint32_t>(seed >> 32) ^ (high * 0x9E3779B9u);
+}
+
+C10_HOST_DEVICE inline uint32_t dropout_bits(uint32_t seed_low, uint32_t key, uint32_t low) {
+  return fmix32(fmix32(low ^ seed_low) ^ key);
+}
+
 C10_HOST_DEVICE inline uint32_t dropout_bits(uint64_t seed, uint64_t element) {
-  const uint32_t mixed = fmix32(static_cast<uint32_t>(element) ^ static_cast<uint32_t>(seed));
-  return fmix32(mixed ^ static_cast<uint32_t>(seed >> 32) ^ (static_cast<uint32_t>(element >> 32) * 0x9E3779B9u));
+  return dropout_bits(static_cast<uint32_t>(seed), dropout_key(seed, static_cast<uint32_t>(element >> 32)),
+                      static_cast<uint32_t>(element));
 }
 
 // spec.dropout_threshold: min(int(p * 2**32), 2**32 - 1), p in [0, 1)
