@@ -21,7 +21,8 @@ def _macro(name: str) -> str:
 
 @pytest.mark.parametrize("python_enum, macro", [(spec.PositionMode, "EMBEDFAST_POSITION_MODES"),
                                                 (spec.TokenGrad, "EMBEDFAST_TOKEN_GRADS"),
-                                                (spec.CpuIsa, "EMBEDFAST_CPU_ISAS")])
+                                                (spec.CpuIsa, "EMBEDFAST_CPU_ISAS"),
+                                                (spec.NormMode, "EMBEDFAST_NORM_MODES")])
 def test_enums_match(python_enum, macro):
     cpp = {name.upper(): int(value) for name, value in re.findall(r"X\(k(\w+), (\d+)\)", _macro(macro))}
     assert cpp == {member.name.replace("_", ""): member.value for member in python_enum}
@@ -37,11 +38,21 @@ def _cpp_type(argument: spec.Argument) -> str:
     return _CPP_TYPES[argument.type]
 
 
+def _arguments(macro: str) -> list[tuple[str, str]]:
+    """The X(type, name) entries of an argument macro, with the argument macros it names expanded in place."""
+    entries = []
+    for nested, cpp_type, name in re.findall(r"(EMBEDFAST_\w+)\(X\)|X\(([^,]+), (\w+)\)", _macro(macro)):
+        entries += _arguments(nested) if nested else [(cpp_type, name)]
+    return entries
+
+
 @pytest.mark.parametrize("kind, macro", [("forward", "EMBEDFAST_FORWARD_ARGUMENTS"),
                                          ("backward", "EMBEDFAST_BACKWARD_ARGUMENTS"),
-                                         ("gradient", "EMBEDFAST_GRADIENT_ARGUMENTS")])
+                                         ("gradient", "EMBEDFAST_GRADIENT_ARGUMENTS"),
+                                         ("norm_forward", "EMBEDFAST_NORM_FORWARD_ARGUMENTS"),
+                                         ("norm_backward", "EMBEDFAST_NORM_BACKWARD_ARGUMENTS")])
 def test_operator_arguments_match(kind, macro):
-    cpp = re.findall(r"X\(([^,]+), (\w+)\)", _macro(macro))
+    cpp = _arguments(macro)
     arguments = spec._GRADIENT if kind == "gradient" else spec.OPERATORS[kind][0]
     assert cpp == [(_cpp_type(a), a.name) for a in arguments]
 

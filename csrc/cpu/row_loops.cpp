@@ -15,12 +15,6 @@
 #define EMBEDFAST_X86_LOOPS 1
 #endif
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EMBEDFAST_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EMBEDFAST_ROW_KERNEL
-#endif
-
 namespace embedfast {
 namespace {
 

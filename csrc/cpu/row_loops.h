@@ -18,6 +18,14 @@
 
 #include "embedfast/spec.h"
 
+// A row function compiled twice, for x86-64-v3 (AVX2, FMA) and the baseline, the loader picking one: for loops
+// the compiler vectorizes on its own.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EMBEDFAST_ROW_KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define EMBEDFAST_ROW_KERNEL
+#endif
+
 namespace embedfast {
 
 // Where each column of a side row lives, for one storage dtype and width.

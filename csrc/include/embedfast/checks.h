@@ -5,6 +5,10 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <utility>
@@ -206,6 +210,109 @@ inline void check_backward_args(const BackwardArgs& args, bool exact) {
   if (args.num_segments > 0 && args.token_type_ids.has_value()) {
     detail::check_index_range(*args.token_type_ids, "token_type_ids", args.num_segments, exact);
   }
+}
+
+namespace detail {
+
+// A float as Python's repr writes it (the messages of op_checks.py format floats so): the shortest digits that
+// read back, fixed notation for exponents in [-4, 16) with ".0" for whole numbers, else "1e-05" / "1e+16".
+inline std::string python_float(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  char text[40];
+  for (int precision = 0; precision <= 17; ++precision) {
+    std::snprintf(text, sizeof(text), "%.*e", precision, value);
+    if (std::strtod(text, nullptr) == value) break;
+  }
+  std::string mantissa(text, std::strchr(text, 'e'));
+  const int exponent = std::atoi(std::strchr(text, 'e') + 1);
+  const bool negative = mantissa[0] == '-';
+  std::string digits;
+  for (char c : mantissa) {
+    if (c >= '0' && c <= '9') digits += c;
+  }
+  const auto count = static_cast<int>(digits.size());
+  std::string out;
+  if (exponent < -4 || exponent >= 16) {
+    const int magnitude = exponent < 0 ? -exponent : exponent;
+    out = digits.substr(0, 1) + (count > 1 ? "." + digits.substr(1) : "") + (exponent < 0 ? "e-" : "e+") +
+          (magnitude < 10 ? "0" : "") + std::to_string(magnitude);
+  } else if (exponent < 0) {
+    out = "0." + std::string(-exponent - 1, '0') + digits;
+  } else if (count <= exponent + 1) {
+    out = digits + std::string(exponent + 1 - count, '0') + ".0";
+  } else {
+    out = digits.substr(0, exponent + 1) + "." + digits.substr(exponent + 1);
+  }
+  return (negative ? "-" : "") + out;
+}
+
+inline void check_norm_parameter(const std::optional<at::Tensor>& parameter, const char* name, const at::Tensor& weight) {
+  if (!parameter.has_value()) return;
+  TORCH_CHECK_VALUE(parameter->dim() == 1 && parameter->is_contiguous() && parameter->size(0) == weight.size(1), name,
+                    " must be a contiguous (", weight.size(1), ",) vector (embedding_dim), got shape ", parameter->sizes());
+  TORCH_CHECK_TYPE(parameter->scalar_type() == weight.scalar_type(), name, " has dtype ", dtype_name(*parameter),
+                   ", but weight has ", dtype_name(weight));
+  TORCH_CHECK_VALUE(parameter->device() == weight.device(), name, " is on ", parameter->device(), ", but weight is on ",
+                    weight.device());
+}
+
+}  // namespace detail
+
+// The norm operators' checks of their epilogue (check_norm in op_checks.py); the norm mode was checked unpacking.
+template <typename Args>
+void check_norm_args(const Args& args) {
+  const at::Tensor& weight = args.weight;
+  TORCH_CHECK_VALUE(args.norm_mode != NormMode::kNone || (!args.norm_weight.has_value() && !args.norm_bias.has_value()),
+                    "norm_weight and norm_bias need a norm, but norm_mode is 0 (none)");
+  TORCH_CHECK_VALUE(args.norm_mode != NormMode::kRmsnorm || !args.norm_bias.has_value(),
+                    "norm_bias was given, but norm_mode is 2 (rmsnorm), which has no bias");
+  detail::check_norm_parameter(args.norm_weight, "norm_weight", weight);
+  detail::check_norm_parameter(args.norm_bias, "norm_bias", weight);
+  TORCH_CHECK_VALUE(args.norm_eps >= 0, "norm_eps must be >= 0, got ", detail::python_float(args.norm_eps));
+  TORCH_CHECK_VALUE(args.dropout_p >= 0 && args.dropout_p < 1, "dropout_p must be in [0, 1), got ",
+                    detail::python_float(args.dropout_p));
+  const std::optional<at::Tensor>& seed = args.dropout_seed;
+  if (args.dropout_p > 0) {
+    TORCH_CHECK_VALUE(seed.has_value(), "dropout_p > 0 needs dropout_seed (a 1-element int64 tensor)");
+  }
+  if (seed.has_value()) {
+    TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong && seed->numel() == 1, "dropout_seed must be a 1-element int64 "
+                     "tensor, got dtype ", detail::dtype_name(*seed), " and shape ", seed->sizes());
+    TORCH_CHECK_VALUE(seed->device() == weight.device(), "dropout_seed is on ", seed->device(), ", but weight is on ",
+                      weight.device());
+  }
+}
+
+// The norm forward's checks, in the reference's order: the forward's, then the epilogue's.
+inline ForwardArgs check_norm_forward_args(const NormForwardArgs& args, bool exact) {
+  ForwardArgs forward = forward_part(args);
+  check_forward_args(forward, exact);
+  check_norm_args(args);
+  return forward;
+}
+
+// The norm backward's checks, in the reference's order: the epilogue's, grad_out and stats (check_norm_backward in
+// op_checks.py), then the forward's.
+inline ForwardArgs check_norm_backward_args(const NormBackwardArgs& args, bool exact) {
+  const at::Tensor& weight = args.weight;
+  check_norm_args(args);
+  const int64_t tokens = args.input_ids.numel(), dim = weight.dim() == 2 ? weight.size(1) : -1;
+  const at::Tensor& grad_out = args.grad_out;
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == tokens && grad_out.size(1) == dim &&
+                    grad_out.is_contiguous(), "grad_out must be a contiguous (", tokens, ", ", dim,
+                    ") tensor, got shape ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == weight.scalar_type(), "grad_out has dtype ", detail::dtype_name(grad_out),
+                   ", but weight has ", detail::dtype_name(weight));
+  const at::ScalarType stats_dtype = compute_dtype(weight.scalar_type());
+  const at::Tensor& stats = args.stats;
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == tokens && stats.size(1) == 2 && stats.is_contiguous() &&
+                    stats.scalar_type() == stats_dtype, "stats must be a contiguous (", tokens, ", 2) ",
+                    c10::getDtypeNames(stats_dtype).first, " tensor (the norm forward's), got shape ", stats.sizes(),
+                    " and dtype ", detail::dtype_name(stats));
+  ForwardArgs forward = forward_part(args);
+  check_forward_args(forward, exact);
+  return forward;
 }
 
 }  // namespace embedfast

@@ -58,6 +58,69 @@ C10_HOST_DEVICE inline T combine(T token, T scale, T position, T segment) {
   return token * scale + position + segment;
 }
 
+// The dropout of the norm operators (embedfast/dropout.py): two rounds of MurmurHash3's 32-bit finaliser over
+// element e = n * D + d and the seed; element e is kept when its bits are >= dropout_threshold(p).
+C10_HOST_DEVICE inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// The second round's key of the elements whose high 32 bits are `high`: a row's elements share it (but at a
+// multiple of 2^32), so a row loop works on 32-bit lanes.
+C10_HOST_DEVICE inline uint32_t dropout_key(uint64_t seed, uint32_t high) {
+  return static_cast<uint32_t>(seed >> 32) ^ (high * 0x9E3779B9u);
+}
+
+C10_HOST_DEVICE inline uint32_t dropout_bits(uint32_t seed_low, uint32_t key, uint32_t low) {
+  return fmix32(fmix32(low ^ seed_low) ^ key);
+}
+
+C10_HOST_DEVICE inline uint32_t dropout_bits(uint64_t seed, uint64_t element) {
+  return dropout_bits(static_cast<uint32_t>(seed), dropout_key(seed, static_cast<uint32_t>(element >> 32)),
+                      static_cast<uint32_t>(element));
+}
+
+// spec.dropout_threshold: min(int(p * 2**32), 2**32 - 1), p in [0, 1)
+C10_HOST_DEVICE inline uint32_t dropout_threshold(double p) {
+  const double scaled = p * 4294967296.0;
+  return scaled >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(scaled);
+}
+
+// What a kept element is multiplied by: 1 / (1 - p), rounded once to the math type (as torch rounds the scalar).
+template <typename T>
+C10_HOST_DEVICE inline T dropout_scale(double p) {
+  return static_cast<T>(1.0 / (1.0 - p));
+}
+
+// A token's (mean, rstd) from the row's sum and its sum of squares about `mean` (spec.py): LAYERNORM
+// mean(x), 1 / sqrt(mean((x - mean)^2) + eps); RMSNORM 0, 1 / sqrt(mean(x^2) + eps); NONE 0, 1.
+C10_HOST_DEVICE inline float norm_rstd(float squares, int64_t dim, float eps) {
+  return 1.0f / sqrtf(squares / static_cast<float>(dim) + eps);
+}
+C10_HOST_DEVICE inline double norm_rstd(double squares, int64_t dim, double eps) {
+  return 1.0 / sqrt(squares / static_cast<double>(dim) + eps);
+}
+
+// The parameters of one call's norm epilogue, for the kernels.
+template <typename T>
+struct NormEpilogue {
+  NormMode mode;
+  T eps;
+  uint64_t seed;       // the dropout seed (read on the device on CUDA)
+  uint32_t threshold;  // dropout_threshold(p)
+  T keep_scale;        // dropout_scale(p)
+  bool dropout;        // p > 0
+
+  C10_HOST_DEVICE bool kept(uint64_t element) const { return dropout_bits(seed, element) >= threshold; }
+  // a value after the dropout: zero when dropped, else scaled
+  C10_HOST_DEVICE T drop(T value, uint64_t element) const {
+    return !dropout ? value : kept(element) ? value * keep_scale : T(0);
+  }
+};
+
 // Where token n's position comes from (spec.py): position_ids[n]; else, for packed documents,
 // offset + n - cu_seqlens[i] for token n of document i; else offset + n % seq_len.
 template <typename index_t>

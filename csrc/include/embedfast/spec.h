@@ -27,6 +27,12 @@ namespace embedfast {
   X(kSparse, 1)                  \
   X(kDense, 2)
 
+// what the norm operators apply to each token's sum before the dropout
+#define EMBEDFAST_NORM_MODES(X) \
+  X(kNone, 0)                   \
+  X(kLayernorm, 1)              \
+  X(kRmsnorm, 2)
+
 // the CPU kernels' instruction-set paths, lowest first (csrc/cpu/cpu_machine.h)
 #define EMBEDFAST_CPU_ISAS(X) \
   X(kPortable, 0)             \
@@ -37,6 +43,7 @@ namespace embedfast {
 enum class PositionMode : int64_t { EMBEDFAST_POSITION_MODES(EMBEDFAST_ENUMERATOR) };
 enum class TokenGrad : int64_t { EMBEDFAST_TOKEN_GRADS(EMBEDFAST_ENUMERATOR) };
 enum class CpuIsa : int64_t { EMBEDFAST_CPU_ISAS(EMBEDFAST_ENUMERATOR) };
+enum class NormMode : int64_t { EMBEDFAST_NORM_MODES(EMBEDFAST_ENUMERATOR) };
 #undef EMBEDFAST_ENUMERATOR
 
 // The table dtypes (spec.TABLE_DTYPES): float32, float64, float16, bfloat16.
@@ -90,6 +97,26 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == 
   X(int64_t, chunk_start)                      \
   X(int64_t, chunk_end)
 
+// The norm operators' epilogue (spec._NORM): dropout(norm(sum)), after the forward's arguments.
+#define EMBEDFAST_NORM_ARGUMENTS(X)         \
+  X(std::optional<at::Tensor>, norm_weight) \
+  X(std::optional<at::Tensor>, norm_bias)   \
+  X(NormMode, norm_mode)                    \
+  X(double, norm_eps)                       \
+  X(double, dropout_p)                      \
+  X(std::optional<at::Tensor>, dropout_seed)
+
+#define EMBEDFAST_NORM_FORWARD_ARGUMENTS(X) \
+  EMBEDFAST_FORWARD_ARGUMENTS(X)            \
+  EMBEDFAST_NORM_ARGUMENTS(X)
+
+// spec._NORM_BACKWARD: grad_out and stats, the norm forward's arguments, norm_grads
+#define EMBEDFAST_NORM_BACKWARD_ARGUMENTS(X) \
+  X(at::Tensor, grad_out)                    \
+  X(at::Tensor, stats)                       \
+  EMBEDFAST_NORM_FORWARD_ARGUMENTS(X)        \
+  X(bool, norm_grads)
+
 // What only the derivative needs (spec.GradientOptions): the eager entry (eager.cpp) is built with it.
 #define EMBEDFAST_GRADIENT_ARGUMENTS(X) \
   X(int64_t, padding_idx)               \
@@ -126,6 +153,7 @@ struct Choice {
 inline constexpr Choice kPositionModes[] = {EMBEDFAST_POSITION_MODES(EMBEDFAST_CHOICE)};
 inline constexpr Choice kTokenGrads[] = {EMBEDFAST_TOKEN_GRADS(EMBEDFAST_CHOICE)};
 inline constexpr Choice kCpuIsas[] = {EMBEDFAST_CPU_ISAS(EMBEDFAST_CHOICE)};
+inline constexpr Choice kNormModes[] = {EMBEDFAST_NORM_MODES(EMBEDFAST_CHOICE)};
 #undef EMBEDFAST_CHOICE
 
 // spec.py's lower-case name of a choice: "learned" for kLearned
@@ -165,6 +193,11 @@ inline TokenGrad from_ivalue<TokenGrad>(const c10::IValue& value, const char* na
   return enum_from<TokenGrad>(value, kTokenGrads, name);
 }
 
+template <>
+inline NormMode from_ivalue<NormMode>(const c10::IValue& value, const char* name) {
+  return enum_from<NormMode>(value, kNormModes, name);
+}
+
 // Once per operator: the schema's argument names are the ones this header lists, in its order.
 template <size_t kCount>
 void check_names(const c10::OperatorHandle& op, const char* const (&names)[kCount]) {
@@ -182,8 +215,13 @@ inline c10::IValue to_ivalue(int64_t value) { return value; }
 inline c10::IValue to_ivalue(bool value) { return value; }
 inline c10::IValue to_ivalue(PositionMode value) { return static_cast<int64_t>(value); }
 inline c10::IValue to_ivalue(TokenGrad value) { return static_cast<int64_t>(value); }
+inline c10::IValue to_ivalue(NormMode value) { return static_cast<int64_t>(value); }
 
 inline void push(torch::jit::Stack& stack, at::Tensor result) { torch::jit::push(stack, std::move(result)); }
+
+inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor> result) {
+  torch::jit::push(stack, std::move(std::get<0>(result)), std::move(std::get<1>(result)));
+}
 
 inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor, at::Tensor> result) {
   torch::jit::push(stack, std::move(std::get<0>(result)), std::move(std::get<1>(result)), std::move(std::get<2>(result)));
@@ -217,11 +255,23 @@ inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor, at
 
 EMBEDFAST_ARGUMENTS_STRUCT(ForwardArgs, EMBEDFAST_FORWARD_ARGUMENTS)
 EMBEDFAST_ARGUMENTS_STRUCT(BackwardArgs, EMBEDFAST_BACKWARD_ARGUMENTS)
+EMBEDFAST_ARGUMENTS_STRUCT(NormForwardArgs, EMBEDFAST_NORM_FORWARD_ARGUMENTS)
+EMBEDFAST_ARGUMENTS_STRUCT(NormBackwardArgs, EMBEDFAST_NORM_BACKWARD_ARGUMENTS)
 #undef EMBEDFAST_ARGUMENTS_STRUCT
 #undef EMBEDFAST_UNPACK
 #undef EMBEDFAST_PACK
 #undef EMBEDFAST_NAME
 #undef EMBEDFAST_FIELD
+
+// The forward's part of the norm operators' arguments, to run the forward's checks and row walk on.
+template <typename Args>
+ForwardArgs forward_part(const Args& args) {
+  ForwardArgs forward;
+#define EMBEDFAST_COPY(type, name) forward.name = args.name;
+  EMBEDFAST_FORWARD_ARGUMENTS(EMBEDFAST_COPY)
+#undef EMBEDFAST_COPY
+  return forward;
+}
 
 // A kernel `Result kernel(const Args&)` as the boxed kernel the dispatcher calls: the arguments come off the
 // stack by the order this header lists, checked once against the operator's schema.

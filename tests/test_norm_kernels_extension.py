@@ -1,0 +1,242 @@
+"""The C++ norm operators (norm_forward_extension, norm_backward_extension) against the reference, element by element:
+every norm mode, with and without norm_weight / norm_bias, with and without dropout (the mask bitwise), odd and even
+dims, every table dtype, every position source, segments, shards and chunks, int32 / int64 ids, no tokens, bad
+inputs (the same exception and message as the reference) and gradients that do not depend on the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embedfast.backends import unavailable_reason
+from embedfast.dropout import draw_seed, keep_mask
+from embedfast.reference import reference_norm_backward, reference_norm_forward
+from embedfast.spec import (TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, compute_dtype,
+                            dropout_threshold)
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(unavailable_reason("extension", CPU) is not None,
+                                reason=str(unavailable_reason("extension", CPU)))
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DIMS = (1, 7, 64, 768, 1000)
+
+
+def _forward_inputs(dtype, dim, *, batch=3, seq_len=8, vocab=50, position="learned", segments=2, ids_dtype=torch.int64,
+                    packed=False, explicit_positions=False, shard=False, chunk=False, scale=1.5):
+    tokens = batch * seq_len
+    ids = torch.randint(0, vocab, (tokens,), dtype=ids_dtype)
+    weight = torch.randn(vocab if not shard else vocab // 2, dim, dtype=dtype)
+    kwargs = dict(scale=scale, seq_len=seq_len)
+    if shard:
+        kwargs.update(vocab_start=vocab // 4, vocab_size=vocab)
+    if chunk:
+        kwargs.update(chunk_start=2, chunk_end=seq_len - 1)
+    if segments:
+        kwargs.update(segment_weight=torch.randn(segments, dim, dtype=dtype),
+                      token_type_ids=torch.randint(0, segments, (tokens,), dtype=ids_dtype))
+    if position != "none":
+        mode = {"learned": PositionMode.LEARNED, "interleaved": PositionMode.INTERLEAVED,
+                "concat": PositionMode.CONCAT}[position]
+        kwargs["position_mode"] = mode
+        if mode == PositionMode.LEARNED:
+            kwargs["position_weight"] = torch.randn(40, dim, dtype=dtype)
+        if explicit_positions:
+            kwargs["position_ids"] = torch.randint(0, 40, (tokens,), dtype=ids_dtype)
+        elif packed:
+            kwargs["cu_seqlens"] = torch.tensor([0, 5, 5, tokens - 3, tokens], dtype=ids_dtype)
+    return ForwardInputs(ids, weight, **kwargs)
+
+
+def _norm_inputs(forward, mode, affine, p, eps=1e-5):
+    dim, dtype = forward.weight.shape[1], forward.weight.dtype
+    weight = bias = None
+    if affine and mode != NormMode.NONE:
+        weight = torch.randn(dim, dtype=dtype)
+        bias = torch.randn(dim, dtype=dtype) if mode == NormMode.LAYERNORM else None
+    return NormInputs(weight, bias, mode, eps, p, draw_seed(CPU) if p > 0 else None)
+
+
+def _assert_close(actual, expected, dtype, scale=None, factor=4.0):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (actual.shape, expected.shape,
+                                                                               actual.dtype, expected.dtype)
+    if expected.numel() == 0:
+        return
+    tolerance = TOLERANCE[dtype] * factor
+    scale = float(expected.double().abs().max()) if scale is None else scale
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tolerance, atol=tolerance * max(scale, 1.0))
+
+
+def _assert_same_mask(actual, expected, norm):
+    """The dropped elements (dropout.keep_mask) are zeros in both; the kept ones are compared by value."""
+    keep = keep_mask(norm.dropout_seed, actual.shape[0], actual.shape[1], dropout_threshold(norm.dropout_p))
+    assert not actual[~keep].any() and not expected[~keep].any()
+
+
+def _assert_same_zeros(actual, expected):
+    assert torch.equal(actual == 0, expected == 0), f"{int(((actual == 0) != (expected == 0)).sum())} elements differ"
+
+
+def _check(forward, norm, norm_grads=True):
+    dtype = forward.weight.dtype
+    out, stats = torch.ops.embedfast.norm_forward_extension(*forward, *norm)
+    ref_out, ref_stats = reference_norm_forward(*forward, *norm)
+    assert stats.dtype == compute_dtype(dtype)
+    _assert_close(stats, ref_stats, compute_dtype(dtype) if dtype == torch.float64 else torch.float32)
+    _assert_close(out, ref_out, dtype)
+    if norm.dropout_p > 0:
+        _assert_same_mask(out, ref_out, norm)
+        _assert_same_zeros(out, ref_out)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    inputs = (grad_out, ref_stats, *forward, *norm, norm_grads)
+    grads = torch.ops.embedfast.norm_backward_extension(*inputs)
+    ref_grads = reference_norm_backward(*inputs)
+    _assert_close(grads[0], ref_grads[0], dtype)
+    if norm.dropout_p > 0 and norm.norm_mode == NormMode.NONE:  # grad_sum is the masked grad_out
+        _assert_same_mask(grads[0], ref_grads[0], norm)
+    tokens = max(forward.input_ids.numel(), 1)
+    for grad, ref in zip(grads[1:], ref_grads[1:]):  # sums over the tokens
+        _assert_close(grad, ref, dtype, scale=float(ref.double().abs().max()) if ref.numel() else 0.0,
+                      factor=4.0 * tokens ** 0.5)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("mode", list(NormMode), ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("affine", [False, True], ids=["plain", "affine"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_matches_the_reference(dtype, dim, mode, affine, p):
+    forward = _forward_inputs(dtype, dim)
+    _check(forward, _norm_inputs(forward, mode, affine, p))
+
+
+POSITIONS = {
+    "none": dict(position="none"),
+    "learned": dict(position="learned"),
+    "interleaved": dict(position="interleaved"),
+    "concat": dict(position="concat"),
+    "learned-explicit": dict(position="learned", explicit_positions=True),
+    "interleaved-explicit": dict(position="interleaved", explicit_positions=True),
+    "learned-packed": dict(position="learned", packed=True),
+    "concat-packed": dict(position="concat", packed=True),
+    "no-segments": dict(segments=0),
+    "int32": dict(ids_dtype=torch.int32, position="interleaved", explicit_positions=True),
+    "shard": dict(shard=True),
+    "chunk": dict(chunk=True, position="concat"),
+    "long-sequence": dict(batch=2, seq_len=300, position="interleaved"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [7, 64])
+@pytest.mark.parametrize("case", POSITIONS.values(), ids=POSITIONS.keys())
+@pytest.mark.parametrize("mode", list(NormMode), ids=lambda m: m.name.lower())
+def test_every_position_source(dtype, dim, case, mode):
+    forward = _forward_inputs(dtype, dim, **case)
+    _check(forward, _norm_inputs(forward, mode, True, 0.3))
+
+
+@pytest.mark.parametrize("mode", list(NormMode), ids=lambda m: m.name.lower())
+def test_no_tokens(mode):
+    forward = _forward_inputs(torch.float32, 16, batch=0)
+    out, grads = _check(forward, _norm_inputs(forward, mode, True, 0.3))
+    assert out.shape == (0, 16)
+    if mode == NormMode.LAYERNORM:
+        assert [g.shape for g in grads] == [(0, 16), (16,), (16,)]
+        assert not grads[1].any() and not grads[2].any()
+
+
+def test_dropout_rate_and_scale():
+    forward = _forward_inputs(torch.float32, 1000, batch=4, seq_len=64, position="none", segments=0)
+    norm = NormInputs(None, None, NormMode.NONE, 1e-5, 0.3, draw_seed(CPU))
+    out, _ = torch.ops.embedfast.norm_forward_extension(*forward, *norm)
+    x = reference_norm_forward(*forward, *norm._replace(dropout_p=0.0, dropout_seed=None))[0]
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01
+    torch.testing.assert_close(out[kept], x[kept] * torch.tensor(1 / 0.7, dtype=torch.float32), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", [NormMode.LAYERNORM, NormMode.RMSNORM], ids=lambda m: m.name.lower())
+def test_norm_gradients_do_not_depend_on_the_thread_count(dtype, mode):
+    forward = _forward_inputs(dtype, 96, batch=8, seq_len=100, position="interleaved")
+    norm = _norm_inputs(forward, mode, True, 0.1)
+    _, stats = torch.ops.embedfast.norm_forward_extension(*forward, *norm)
+    grad_out = torch.randn(forward.input_ids.numel(), 96).to(dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(torch.ops.embedfast.norm_backward_extension(grad_out, stats, *forward, *norm, True))
+    finally:
+        torch.set_num_threads(threads)
+    for result in results[1:]:
+        for a, b in zip(result, results[0]):
+            assert torch.equal(a, b)
+
+
+def _good():
+    forward = _forward_inputs(torch.float32, 4, batch=2, seq_len=3)
+    norm = NormInputs(torch.randn(4), torch.randn(4), NormMode.LAYERNORM, 1e-5, 0.2, draw_seed(CPU))
+    return forward, norm
+
+
+BAD_NORM = {
+    "norm-mode": lambda f, n: (f, n._replace(norm_mode=5)),
+    "affine-without-norm": lambda f, n: (f, n._replace(norm_mode=NormMode.NONE)),
+    "bias-with-rmsnorm": lambda f, n: (f, n._replace(norm_mode=NormMode.RMSNORM)),
+    "weight-shape": lambda f, n: (f, n._replace(norm_weight=torch.randn(5))),
+    "bias-2d": lambda f, n: (f, n._replace(norm_bias=torch.randn(1, 4))),
+    "weight-dtype": lambda f, n: (f, n._replace(norm_weight=torch.randn(4, dtype=torch.float64))),
+    "eps-negative": lambda f, n: (f, n._replace(norm_eps=-1.0)),
+    "eps-tiny-negative": lambda f, n: (f, n._replace(norm_eps=-1.25e-7)),
+    "p-one": lambda f, n: (f, n._replace(dropout_p=1.0)),
+    "p-large": lambda f, n: (f, n._replace(dropout_p=12345678.5)),
+    "p-huge": lambda f, n: (f, n._replace(dropout_p=3e20)),
+    "p-negative": lambda f, n: (f, n._replace(dropout_p=-0.1)),
+    "p-without-seed": lambda f, n: (f, n._replace(dropout_seed=None)),
+    "seed-int32": lambda f, n: (f, n._replace(dropout_seed=torch.zeros(1, dtype=torch.int32))),
+    "seed-two-elements": lambda f, n: (f, n._replace(dropout_seed=torch.zeros(2, dtype=torch.int64))),
+    "forward-id-too-large": lambda f, n: (f._replace(input_ids=f.input_ids + 50), n),
+    "forward-position-mode": lambda f, n: (f._replace(position_mode=9), n),
+}
+
+
+def _outcome(function, *inputs):
+    with pytest.raises(Exception) as raised:
+        function(*inputs)
+    return type(raised.value), str(raised.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("corrupt", BAD_NORM.values(), ids=BAD_NORM.keys())
+def test_bad_input_gets_the_reference_answer(corrupt):
+    forward, norm = corrupt(*_good())
+    expected = _outcome(reference_norm_forward, *forward, *norm)
+    assert expected[0] in (TypeError, ValueError, IndexError)
+    assert _outcome(torch.ops.embedfast.norm_forward_extension, *forward, *norm) == expected
+    grad_out, stats = torch.randn(6, 4), torch.zeros(6, 2)
+    expected = _outcome(reference_norm_backward, grad_out, stats, *forward, *norm, True)
+    assert _outcome(torch.ops.embedfast.norm_backward_extension, grad_out, stats, *forward, *norm, True) == expected
+
+
+BAD_BACKWARD = {
+    "grad-rows": lambda g, s: (g[:5], s),
+    "grad-dim": lambda g, s: (torch.randn(6, 3), s),
+    "grad-noncontiguous": lambda g, s: (torch.randn(4, 6).t(), s),
+    "grad-dtype": lambda g, s: (g.double(), s),
+    "stats-rows": lambda g, s: (g, s[:5]),
+    "stats-dtype": lambda g, s: (g, s.double()),
+    "stats-1d": lambda g, s: (g, s[:, 0]),
+}
+
+
+@pytest.mark.parametrize("corrupt", BAD_BACKWARD.values(), ids=BAD_BACKWARD.keys())
+def test_bad_backward_input_gets_the_reference_answer(corrupt):
+    forward, norm = _good()
+    grad_out, stats = corrupt(torch.randn(6, 4), torch.zeros(6, 2))
+    inputs = (grad_out, stats, *forward, *norm, True)
+    expected = _outcome(reference_norm_backward, *inputs)
+    assert expected[0] in (TypeError, ValueError, IndexError)
+    assert _outcome(torch.ops.embedfast.norm_backward_extension, *inputs) == expected
