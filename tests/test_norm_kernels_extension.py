@@ -108,7 +108,8 @@ def _check(forward, norm, norm_grads=True):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_matches_the_reference(dtype, dim, mode, affine, p):
     forward = _forward_inputs(dtype, dim)
-    _check(forward, _norm_inputs(forward, mode, affine, p))
+    # one column: x_hat is +-1 up to eps, so a small eps leaves the gradient a cancellation of nearly equal terms
+    _check(forward, _norm_inputs(forward, mode, affine, p, eps=1.0 if dim == 1 else 1e-5))
 
 
 POSITIONS = {

@@ -330,9 +330,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(const NormBackw
       });
     });
   }
-  const at::Tensor none = at::empty({0}, args.weight.options());
-  return {grad_sum, weight_grad ? sum_partials(weight_partials, dtype) : none,
-          bias_grad ? sum_partials(bias_partials, dtype) : none};
+  const auto none = [&] { return at::empty({0}, args.weight.options()); };  // one each: outputs never alias
+  return {grad_sum, weight_grad ? sum_partials(weight_partials, dtype) : none(),
+          bias_grad ? sum_partials(bias_partials, dtype) : none()};
 }
 
 }  // namespace
