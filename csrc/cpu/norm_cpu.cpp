@@ -102,8 +102,9 @@ EMBEDFAST_INLINE acc_t keep_or_zero(acc_t value, bool keep) {
 template <typename acc_t>
 EMBEDFAST_INLINE void drop(acc_t* __restrict__ values, const NormRow<acc_t>& row, uint64_t first_element) {
   const acc_t keep_scale = row.epilogue.keep_scale;
-  with_row_mask(row.epilogue, first_element, row.dim, [&](const auto& kept) {
-    for (int64_t j = 0; j < row.dim; ++j) values[j] = keep_or_zero(values[j] * keep_scale, kept(j));
+  const int64_t dim = row.dim;
+  with_row_mask(row.epilogue, first_element, dim, [values, keep_scale, dim](const auto kept) {
+    for (int64_t j = 0; j < dim; ++j) values[j] = keep_or_zero(values[j] * keep_scale, kept(j));
   });
 }
 
