@@ -79,7 +79,7 @@ def extension_modules():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
         include_dirs += pip_cuda_include_dirs()
-        sources.append("csrc/cuda/fused_embedding_cuda.cu")
+        sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         extension = cpp_extension.CUDAExtension(
             "embedfast._C", sources, include_dirs=include_dirs, extra_link_args=["-fopenmp"],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})

@@ -69,7 +69,7 @@ def _assert_close(actual, expected, dtype, scale=None, factor=4.0):
 
 def _assert_same_mask(actual, expected, norm):
     """The dropped elements (dropout.keep_mask) are zeros in both; the kept ones are compared by value."""
-    keep = keep_mask(norm.dropout_seed, actual.shape[0], actual.shape[1], dropout_threshold(norm.dropout_p))
+    keep = keep_mask(norm.dropout_seed, actual.shape[0], actual.shape[1], dropout_threshold(norm.dropout_p)).to(actual.device)
     assert not actual[~keep].any() and not expected[~keep].any()
 
 
@@ -87,7 +87,7 @@ def _check(forward, norm, norm_grads=True):
     if norm.dropout_p > 0:
         _assert_same_mask(out, ref_out, norm)
         _assert_same_zeros(out, ref_out)
-    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(out.device)
     inputs = (grad_out, ref_stats, *forward, *norm, norm_grads)
     grads = torch.ops.embedfast.norm_backward_extension(*inputs)
     ref_grads = reference_norm_backward(*inputs)
@@ -241,3 +241,18 @@ def test_bad_backward_input_gets_the_reference_answer(corrupt):
     expected = _outcome(reference_norm_backward, *inputs)
     assert expected[0] in (TypeError, ValueError, IndexError)
     assert _outcome(torch.ops.embedfast.norm_backward_extension, *inputs) == expected
+
+
+def _on(inputs, device):
+    return type(inputs)(*(v.to(device) if isinstance(v, torch.Tensor) else v for v in inputs))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", DIMS)
+@pytest.mark.parametrize("case", POSITIONS.values(), ids=POSITIONS.keys())
+@pytest.mark.parametrize("mode", list(NormMode), ids=lambda m: m.name.lower())
+def test_cuda_matches_the_reference(dtype, dim, case, mode):
+    forward = _forward_inputs(dtype, dim, **case)
+    cuda = torch.device("cuda")
+    _check(_on(forward, cuda), _on(_norm_inputs(forward, mode, True, 0.3), cuda))

@@ -16,7 +16,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "embedfast/checks.h"
@@ -83,12 +85,26 @@ EMBEDFAST_INLINE void with_row_mask(const NormEpilogue<acc_t>& epilogue, uint64_
   }
 }
 
+// value, or +0 when not kept: by a mask of its bits, which the compiler vectorizes (a select of value * scale it does
+// not: the multiply might trap).
+template <typename acc_t>
+EMBEDFAST_INLINE acc_t keep_or_zero(acc_t value, bool keep) {
+  using bits_t = std::conditional_t<sizeof(acc_t) == 4, uint32_t, uint64_t>;
+  static_assert(sizeof(bits_t) == sizeof(acc_t));
+  bits_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  bits &= keep ? ~bits_t(0) : bits_t(0);
+  std::memcpy(&value, &bits, sizeof(bits));
+  return value;
+}
+
 // The dropout in place: dropped values 0, kept ones scaled (separate from the rounding: both loops vectorize).
 template <typename acc_t>
 EMBEDFAST_INLINE void drop(acc_t* __restrict__ values, const NormRow<acc_t>& row, uint64_t first_element) {
   const acc_t keep_scale = row.epilogue.keep_scale;
-  with_row_mask(row.epilogue, first_element, row.dim, [&](const auto& kept) {
-    for (int64_t j = 0; j < row.dim; ++j) values[j] = kept(j) ? values[j] * keep_scale : acc_t(0);
+  const int64_t dim = row.dim;
+  with_row_mask(row.epilogue, first_element, dim, [values, keep_scale, dim](const auto kept) {
+    for (int64_t j = 0; j < dim; ++j) values[j] = keep_or_zero(values[j] * keep_scale, kept(j));
   });
 }
 
@@ -146,18 +162,22 @@ EMBEDFAST_INLINE void backward_row(scalar_t* __restrict__ out, acc_t* __restrict
   sum_row(x, token, position, segment, scale, dim);
   const acc_t mean = stats[0], rstd = stats[1];
   for (int64_t j = 0; j < dim; ++j) x[j] = (x[j] - mean) * rstd;
-  const acc_t* __restrict__ weight = row.weight;
-  const acc_t mean_g = epilogue.mode == NormMode::kLayernorm
-                           ? lane_sum<acc_t>(dim, [&](int64_t j) { return dy[j] * weight[j]; }) / static_cast<acc_t>(dim)
-                           : acc_t(0);
-  const acc_t mean_gx = lane_sum<acc_t>(dim, [&](int64_t j) { return dy[j] * weight[j] * x[j]; }) / static_cast<acc_t>(dim);
-  for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<scalar_t>(rstd * (dy[j] * weight[j] - mean_g - x[j] * mean_gx));
   if (weight_partial != nullptr) {
     for (int64_t j = 0; j < dim; ++j) weight_partial[j] += dy[j] * x[j];
   }
   if (bias_partial != nullptr) {
     for (int64_t j = 0; j < dim; ++j) bias_partial[j] += dy[j];
   }
+  // g in a loop of its own: g - mean(g) is then not fused into one multiply-add, whose unrounded product would
+  // leave a residue where the reference cancels exactly (dim 1)
+  const acc_t* __restrict__ weight = row.weight;
+  acc_t* __restrict__ g = dy;
+  for (int64_t j = 0; j < dim; ++j) g[j] = dy[j] * weight[j];
+  const acc_t mean_g = epilogue.mode == NormMode::kLayernorm
+                           ? lane_sum<acc_t>(dim, [&](int64_t j) { return g[j]; }) / static_cast<acc_t>(dim)
+                           : acc_t(0);
+  const acc_t mean_gx = lane_sum<acc_t>(dim, [&](int64_t j) { return g[j] * x[j]; }) / static_cast<acc_t>(dim);
+  for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<scalar_t>(rstd * (g[j] - mean_g - x[j] * mean_gx));
 }
 
 
@@ -221,12 +241,8 @@ struct NormCall {
     const auto options = args.weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     weight = args.norm_weight.has_value() ? args.norm_weight->to(options.dtype()) : at::ones({dim}, options);
     bias = args.norm_bias.has_value() ? args.norm_bias->to(options.dtype()) : at::zeros({dim}, options);
-    NormEpilogue<acc_t> epilogue{args.norm_mode, static_cast<acc_t>(args.norm_eps), 0, 0, acc_t(1), args.dropout_p > 0};
-    if (epilogue.dropout) {
-      epilogue.seed = static_cast<uint64_t>(args.dropout_seed->template data_ptr<int64_t>()[0]);
-      epilogue.threshold = dropout_threshold(args.dropout_p);
-      epilogue.keep_scale = dropout_scale<acc_t>(args.dropout_p);
-    }
+    NormEpilogue<acc_t> epilogue = norm_epilogue<acc_t>(args);
+    if (epilogue.dropout) epilogue.seed = static_cast<uint64_t>(args.dropout_seed->template data_ptr<int64_t>()[0]);
     row = {weight.template data_ptr<acc_t>(), bias.template data_ptr<acc_t>(), epilogue, dim};
   }
 };

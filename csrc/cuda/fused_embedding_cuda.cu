@@ -27,6 +27,7 @@
 #include "embedfast/checks.h"
 #include "embedfast/kernel_math.h"
 #include "embedfast/spec.h"
+#include "cuda_common.cuh"
 
 namespace embedfast {
 namespace {
@@ -51,35 +52,6 @@ template <typename scalar_t, int kVec>
 __device__ __forceinline__ void store_chunk(scalar_t* p, const Packet<scalar_t, kVec>& c) {
   *reinterpret_cast<Packet<scalar_t, kVec>*>(p) = c;
 }
-
-// Sine of an angle already reduced to [-pi, pi] (sinusoid_angle): __sinf there is within 4e-7 of the true value and,
-// unlike sinf, has no slow path for huge arguments (which needs a stack frame). float64 tables keep ::sin.
-template <typename acc>
-__device__ __forceinline__ acc sine(double reduced_angle) {
-  if constexpr (std::is_same_v<acc, double>) {
-    return ::sin(reduced_angle);
-  } else {
-    return __sinf(static_cast<float>(reduced_angle));
-  }
-}
-
-// Token n's column n % seq_len and whether it is in the sequence chunk (Chunk::contains), for the kernels that walk
-// tokens: a 64-bit division is a subroutine call, around which their registers spill. umulhi(n, inverse), with
-// inverse = floor((2^64 - 1) / seq_len), is n / seq_len or one less (0 <= n < 2^63).
-struct SequenceColumns {
-  Chunk chunk;
-  uint64_t inverse;
-
-  explicit SequenceColumns(const Chunk& chunk)
-      : chunk(chunk), inverse(UINT64_MAX / static_cast<uint64_t>(chunk.seq_len)) {}
-  __device__ int64_t column(int64_t n) const {
-    const uint64_t seq_len = chunk.seq_len;
-    const uint64_t r = static_cast<uint64_t>(n) - __umul64hi(static_cast<uint64_t>(n), inverse) * seq_len;
-    return static_cast<int64_t>(r >= seq_len ? r - seq_len : r);
-  }
-  __device__ int64_t next(int64_t column) const { return column + 1 == chunk.seq_len ? 0 : column + 1; }
-  __device__ bool in_chunk(int64_t column) const { return column >= chunk.start && column < chunk.stop; }
-};
 
 // kPacked: positions of packed documents (a binary search per token), in a variant of its own so that the search's
 // registers do not weigh on the other kernels. At least 3 blocks per SM for the 8-wide (16-bit) variants, 4 for the
@@ -184,17 +156,6 @@ __global__ void __launch_bounds__(kThreads) values_and_segment_partials_kernel(
   }
 }
 
-// out[i] = sum over blocks of partials[block][i], in block order.
-template <typename scalar_t>
-__global__ void sum_partials_kernel(const math_t<scalar_t>* __restrict__ partials, scalar_t* __restrict__ out,
-                                    int64_t blocks, int64_t size) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= size) return;
-  math_t<scalar_t> sum = 0;
-  for (int64_t b = 0; b < blocks; ++b) sum += partials[b * size + i];
-  out[i] = static_cast<scalar_t>(sum);
-}
-
 // Per token, the row of a keyed sum its gradient goes to: ids[n] (no ids: the default position offset + n % seq_len)
 // as a row of `shard`; -1 (dropped) for a token out of seq_chunk, with the id `skip` or of another shard.
 template <typename index_t>
@@ -243,12 +204,6 @@ __global__ void __launch_bounds__(kThreads) sum_packed_positions_kernel(
   }
 }
 
-// Exact index-range checks read ids back (a host synchronization): made unless the caller opted out
-// (check_bounds=False) or a CUDA graph is being captured; then a device-side assertion checks instead.
-bool exact_checks(bool check_bounds) {
-  return check_bounds && at::cuda::currentStreamCaptureStatusMayInitCtx() == at::cuda::CaptureStatus::None;
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // launch(std::integral_constant<int, kVec>{}) with 16-byte chunks (kVec = 16 / sizeof(scalar_t)) when every row
@@ -274,12 +229,6 @@ dim3 row_grid(int64_t chunks, int64_t rows, dim3 block) {
 dim3 row_block(int64_t chunks) {
   const int x = static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, (chunks + 31) / 32 * 32)));
   return dim3(x, kThreads / x);
-}
-
-// The device made current while an operator checks and launches: its table's, when that is a CUDA tensor (else
-// the checks name the device mismatch).
-std::optional<c10::Device> cuda_device_of(const at::Tensor& table) {
-  return table.is_cuda() ? std::optional<c10::Device>(table.device()) : std::nullopt;
 }
 
 at::Tensor forward_cuda(const ForwardArgs& args) {

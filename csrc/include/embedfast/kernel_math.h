@@ -121,6 +121,15 @@ struct NormEpilogue {
   }
 };
 
+// The epilogue of a norm operator's arguments; the seed is left 0 for the kernel to read (CPU: from the tensor; CUDA:
+// from device memory, in the kernel).
+template <typename T, typename Args>
+NormEpilogue<T> norm_epilogue(const Args& args) {
+  const bool dropout = args.dropout_p > 0;
+  return {args.norm_mode, static_cast<T>(args.norm_eps), 0, dropout ? dropout_threshold(args.dropout_p) : 0u,
+          dropout ? dropout_scale<T>(args.dropout_p) : T(1), dropout};
+}
+
 // Where token n's position comes from (spec.py): position_ids[n]; else, for packed documents,
 // offset + n - cu_seqlens[i] for token n of document i; else offset + n % seq_len.
 template <typename index_t>
