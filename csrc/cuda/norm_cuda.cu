@@ -283,9 +283,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(const NormBack
   const bool weight_grad = norm && args.norm_grads && args.norm_weight.has_value();
   const bool bias_grad = norm && args.norm_grads && args.norm_bias.has_value();
   at::Tensor grad_sum = at::empty({tokens, dim}, args.weight.options());
-  const at::Tensor none = at::empty({0}, args.weight.options());
-  at::Tensor weight_out = weight_grad ? at::empty({dim}, args.weight.options()) : none;
-  at::Tensor bias_out = bias_grad ? at::empty({dim}, args.weight.options()) : none;
+  // (0,) when not wanted, each its own tensor: outputs never alias
+  at::Tensor weight_out = at::empty({weight_grad ? dim : 0}, args.weight.options());
+  at::Tensor bias_out = at::empty({bias_grad ? dim : 0}, args.weight.options());
   const int64_t blocks = (tokens + kNormTokensPerBlock - 1) / kNormTokensPerBlock;
   const auto partial_options = args.weight.options().dtype(math_dtype);
   at::Tensor weight_partials = weight_grad ? at::empty({blocks, dim}, partial_options) : at::Tensor();
