@@ -8,9 +8,9 @@ of the lookup-and-add moves into one kernel.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
-import ast
 import inspect
 import textwrap
 import warnings
@@ -19,10 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backends import resolve_backend
 from .functional import fused_input_embedding
 from .module import FusedInputEmbedding
-from .ops import op_name
 from .positions import padding_aware_position_ids
 
 
@@ -136,7 +134,7 @@ def patch_model(model: nn.Module, *, sparse: bool | None = None, backend: str = 
         module.embedfast_fuse_norm = norm_unfused is None
         if mixin is _FusedGPT2Style:
             module.wpe.__class__ = _PositionsAddedUpstream
-        report.replaced.append(f"{label}: {description}; {_fusion_description(module, norm_unfused, word, backend)}")
+        report.replaced.append(f"{label}: {description}; {_fusion_description(module, norm_unfused)}")
     if not report.replaced:
         warnings.warn(f"embedfast.patch_model: {report}", stacklevel=2)
     return report
@@ -326,20 +324,13 @@ class _NoGradRow(torch.autograd.Function):
         return grad.index_fill(0, torch.tensor([ctx.row], device=grad.device), 0), None
 
 
-def _fusion_description(module: nn.Module, norm_unfused: str | None, word: nn.Embedding, backend: str) -> str:
+def _fusion_description(module: nn.Module, norm_unfused: str | None) -> str:
     """The report's word on the norm: fused (with its eps and p), or why only the sum is."""
     if norm_unfused is not None:
         return f"sum only ({norm_unfused}; it runs as before)"
     norm, dropout = _norm_and_dropout(module)
     what = "lookup" if isinstance(module, _FusedModernBertStyle) else "sum"
-    described = f"{what} + LayerNorm (eps={norm.eps:g}{'' if norm.bias is not None else ', no bias'}) + dropout (p={dropout.p:g})"
-    try:
-        resolved = resolve_backend(backend, word.weight.device)
-    except RuntimeError:  # a backend named that cannot run here: the call will say so
-        return described
-    if not _has_norm_kernel(resolved, word.weight.device.type):
-        return f"{described}, where the backend has norm kernels ({resolved!r} has none: until then they run as before)"
-    return described
+    return f"{what} + LayerNorm (eps={norm.eps:g}{'' if norm.bias is not None else ', no bias'}) + dropout (p={dropout.p:g})"
 
 
 def _norm_and_dropout(module: nn.Module) -> tuple[nn.LayerNorm, nn.Dropout]:
@@ -348,24 +339,13 @@ def _norm_and_dropout(module: nn.Module) -> tuple[nn.LayerNorm, nn.Dropout]:
     return module.LayerNorm, module.dropout
 
 
-@functools.cache
-def _has_norm_kernel(backend: str, device_type: str) -> bool:
-    """Whether a loaded backend registered its norm operator for the device (the C++ and Triton ones may not yet)."""
-    name = op_name("norm_forward", backend)
-    try:
-        return any(torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-                   for key in (device_type.upper(), "CompositeExplicitAutograd"))
-    except RuntimeError:  # not even declared
-        return False
-
-
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _norm_options(module: nn.Module, norm: nn.LayerNorm, dropout: nn.Dropout, weight: torch.Tensor) -> dict | None:
     """The fused operator's norm and dropout arguments for this call, or None where the modules must run themselves:
     hooks on them, parameters in another dtype, autocast (whose LayerNorm returns float32 for half tables), a
-    dropout probability the operator does not take, or a backend without norm kernels."""
+    dropout probability the operator does not take."""
     if not module.embedfast_fuse_norm or norm._forward_hooks or norm._forward_pre_hooks or dropout._forward_hooks \
             or dropout._forward_pre_hooks:
         return None
@@ -373,8 +353,6 @@ def _norm_options(module: nn.Module, norm: nn.LayerNorm, dropout: nn.Dropout, we
     if not 0 <= p < 1 or norm.weight.dtype != weight.dtype or (norm.bias is not None and norm.bias.dtype != weight.dtype):
         return None
     if weight.dtype in _HALF_DTYPES and torch.is_autocast_enabled(weight.device.type):
-        return None
-    if not _has_norm_kernel(resolve_backend(module.embedfast_backend, weight.device), weight.device.type):
         return None
     return {"norm": "layernorm", "norm_weight": norm.weight, "norm_bias": norm.bias, "norm_eps": norm.eps, "dropout_p": p}
 

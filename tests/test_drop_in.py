@@ -309,7 +309,7 @@ def test_sparse_training_under_autocast_with_grad_scaler():
     assert torch.equal(changed, seen)
 
 
-# --- the LayerNorm and dropout after the sum, fused too (backend="reference": the one with norm kernels everywhere)
+# --- the LayerNorm and dropout after the sum, fused too (backend="reference")
 
 NORM_MODELS = {"bert": lambda **o: bert_like("bert", torch.float32, **o),
                "roberta": lambda **o: bert_like("roberta", torch.float32, **o),
@@ -417,16 +417,6 @@ def test_hooks_on_the_layernorm_still_run():
     kwargs = inputs("bert", torch.Generator().manual_seed(0))
     torch.testing.assert_close(output(patched, kwargs), output(model, kwargs))
     assert seen == [(3, 9, DIM)]
-
-
-def test_a_backend_without_norm_kernels_runs_the_layernorm_unfused(monkeypatch):
-    model = bert_like("roberta", torch.float32).eval()
-    patched, _ = patched_copy(model, "reference")
-    monkeypatch.setattr(embedfast.drop_in, "_has_norm_kernel", lambda backend, device_type: False)
-    calls = record_fused_calls(monkeypatch)
-    kwargs = inputs("roberta", torch.Generator().manual_seed(0))
-    torch.testing.assert_close(output(patched, kwargs), output(model, kwargs))
-    assert "norm" not in calls[-1]
 
 
 def test_blocks_whose_math_differs_are_left_as_is():
