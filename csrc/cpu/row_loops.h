@@ -1,7 +1,7 @@
 // Row loops of the CPU kernels: the only code that touches every element of a row.
 //
 // Each loop takes the instruction-set path cpu_isa() chose (cpu_machine.h): row_loops_avx512.cpp,
-// row_loops_avx2.cpp, or the portable loops of row_loops_portable.h.
+// row_loops_avx2.cpp, or the portable loops of row_loops_portable.h and norm_rows.h.
 //
 // Token rows, gradient rows, outputs and the rows of the learned position and segment tables are read in the
 // storage dtype, in natural column order. The math-dtype "side rows" the loops read or write beside them
@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "embedfast/spec.h"
+#include "norm_rows.h"
 
 // A row function compiled twice, for x86-64-v3 (AVX2, FMA) and the baseline, the loader picking one: for loops
 // the compiler vectorizes on its own.
@@ -61,6 +62,25 @@ void end_streaming();
 #define EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(scalar_t)                                                       \
   void combine_rows(scalar_t* out, const scalar_t* token, const scalar_t* position, const scalar_t* segment,    \
                     float scale, int64_t dim, bool stream);
+// The norm epilogue's rows (norm_rows.h), the weight and bias side rows: norm_forward_rows: out = the norm of the
+// token's sum, dropped out, stats = its (mean, rstd); norm_backward_rows: out = the gradient of the sum, and the
+// norm weight / bias gradients added to partial sums (side rows; either may be null); norm_masked_rows: out = grad
+// with the mask. x, dy: scratch rows of dim; first_element: the element index (n * dim) of the row's column 0.
+#define EMBEDFAST_DECLARE_NORM_ROW_LOOPS(scalar_t, position_t)                                                  \
+  void norm_forward_rows(scalar_t* out, math_t<scalar_t>* stats, math_t<scalar_t>* x, const scalar_t* token,  \
+                         const position_t* position, const scalar_t* segment, math_t<scalar_t> scale,        \
+                         const NormRow<math_t<scalar_t>>& row, uint64_t first_element, bool stream);        \
+  void norm_backward_rows(scalar_t* out, math_t<scalar_t>* weight_partial, math_t<scalar_t>* bias_partial,    \
+                          math_t<scalar_t>* x, math_t<scalar_t>* dy, const scalar_t* grad,                    \
+                          const math_t<scalar_t>* stats, const scalar_t* token, const position_t* position,  \
+                          const scalar_t* segment, math_t<scalar_t> scale, const NormRow<math_t<scalar_t>>& row, \
+                          uint64_t first_element);
+#define EMBEDFAST_DECLARE_MASKED_ROW_LOOP(scalar_t)                                                             \
+  void norm_masked_rows(scalar_t* out, math_t<scalar_t>* dy, const scalar_t* grad,                           \
+                        const NormRow<math_t<scalar_t>>& row, uint64_t first_element);
+#define EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(scalar_t)     \
+  EMBEDFAST_DECLARE_NORM_ROW_LOOPS(scalar_t, math_t<scalar_t>) \
+  EMBEDFAST_DECLARE_MASKED_ROW_LOOP(scalar_t)
 
 EMBEDFAST_DECLARE_ROW_LOOPS(float)
 EMBEDFAST_DECLARE_ROW_LOOPS(double)
@@ -68,6 +88,12 @@ EMBEDFAST_DECLARE_ROW_LOOPS(c10::Half)
 EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)
 EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::Half)
 EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::BFloat16)
+EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(float)
+EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(double)
+EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(c10::Half)
+EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(c10::BFloat16)
+EMBEDFAST_DECLARE_NORM_ROW_LOOPS(c10::Half, c10::Half)
+EMBEDFAST_DECLARE_NORM_ROW_LOOPS(c10::BFloat16, c10::BFloat16)
 
 // the same loops, per instruction set (row_loops_<isa>.cpp)
 #define EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(isa)           \
@@ -77,12 +103,20 @@ EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::BFloat16)
   EMBEDFAST_DECLARE_ROW_LOOPS(c10::BFloat16)            \
   EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::Half)    \
   EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP(c10::BFloat16) \
+  EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(float)            \
+  EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(c10::Half)        \
+  EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(c10::BFloat16)    \
+  EMBEDFAST_DECLARE_NORM_ROW_LOOPS(c10::Half, c10::Half) \
+  EMBEDFAST_DECLARE_NORM_ROW_LOOPS(c10::BFloat16, c10::BFloat16) \
   }
 EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx2)
 EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx512)
 #undef EMBEDFAST_DECLARE_SIMD_ROW_LOOPS
 #undef EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP
 #undef EMBEDFAST_DECLARE_ROW_LOOPS
+#undef EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS
+#undef EMBEDFAST_DECLARE_MASKED_ROW_LOOP
+#undef EMBEDFAST_DECLARE_NORM_ROW_LOOPS
 
 // row = sin(theta); theta += step, as a float64 rotation of (sin, cos) per column.
 void rotate_row(float* row, double* sine, double* cosine, const double* step_sin, const double* step_cos, int64_t dim);

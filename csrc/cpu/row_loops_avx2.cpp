@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "row_loops.h"
 #include "row_loops_portable.h"
@@ -39,9 +40,47 @@ struct Simd {
   };
 
   static __m256 broadcast(float value) { return _mm256_set1_ps(value); }
+  static Block zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
   static Block fmadd(Block a, __m256 b, Block c) { return {_mm256_fmadd_ps(a.lo, b, c.lo), _mm256_fmadd_ps(a.hi, b, c.hi)}; }
+  static Block fmadd(Block a, Block b, Block c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+  static Block fnmadd(Block a, __m256 b, Block c) { return {_mm256_fnmadd_ps(a.lo, b, c.lo), _mm256_fnmadd_ps(a.hi, b, c.hi)}; }
   static Block add(Block a, Block b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+  static Block sub(Block a, __m256 b) { return {_mm256_sub_ps(a.lo, b), _mm256_sub_ps(a.hi, b)}; }
   static Block mul(Block a, __m256 b) { return {_mm256_mul_ps(a.lo, b), _mm256_mul_ps(a.hi, b)}; }
+  static Block mul(Block a, Block b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+  // the sum of the lanes, in a fixed order
+  static float sum(Block a) {
+    const __m256 eight = _mm256_add_ps(a.lo, a.hi);
+    __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    four = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(four, _mm_movehdup_ps(four)));
+  }
+
+  // The dropout (kernel_math.h) of the elements first + lane_column(l) of a block, in scalar_t's lane order.
+  struct Dropout {
+    __m256i seed_low, threshold;
+    __m256 keep_scale;
+  };
+  static Dropout dropout(uint32_t seed_low, uint32_t threshold, float keep_scale) {
+    return {_mm256_set1_epi32(static_cast<int>(seed_low)), _mm256_set1_epi32(static_cast<int>(threshold)),
+            _mm256_set1_ps(keep_scale)};
+  }
+  template <typename scalar_t>
+  static int64_t lane_column(int64_t lane) {
+    if (!std::is_same_v<scalar_t, c10::BFloat16>) return lane;
+    return (lane % 8) / 4 * 8 + lane / 8 * 4 + lane % 4;  // lanes 0-3, 8-11 | 4-7, 12-15
+  }
+  template <typename scalar_t>
+  EMBEDFAST_INLINE static Block keep_scaled(Block values, const Dropout& dropout, uint32_t key, uint32_t first) {
+    const __m256i start = _mm256_set1_epi32(static_cast<int>(first));
+    const __m256i keys = _mm256_set1_epi32(static_cast<int>(key));
+    const bool unpacked = std::is_same_v<scalar_t, c10::BFloat16>;
+    const __m256i lo = unpacked ? _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11) : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i hi = unpacked ? _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15)
+                                : _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    return {keep_scaled(values.lo, _mm256_add_epi32(start, lo), dropout, keys),
+            keep_scaled(values.hi, _mm256_add_epi32(start, hi), dropout, keys)};
+  }
 
   static Block load(const float* row) { return {_mm256_loadu_ps(row), _mm256_loadu_ps(row + 8)}; }
   static Block load(const c10::Half* row) {
@@ -81,6 +120,19 @@ struct Simd {
   }
 
  private:
+  EMBEDFAST_INLINE static __m256i fmix32(__m256i h) {
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+    h = _mm256_xor_si256(h, _mm256_srli_epi32(h, 13));
+    h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+    return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
+  }
+  // kept where bits >= threshold, unsigned: max(bits, threshold) == bits
+  EMBEDFAST_INLINE static __m256 keep_scaled(__m256 values, __m256i elements, const Dropout& dropout, __m256i keys) {
+    const __m256i bits = fmix32(_mm256_xor_si256(fmix32(_mm256_xor_si256(elements, dropout.seed_low)), keys));
+    const __m256i kept = _mm256_cmpeq_epi32(_mm256_max_epu32(bits, dropout.threshold), bits);
+    return _mm256_and_ps(_mm256_castsi256_ps(kept), _mm256_mul_ps(values, dropout.keep_scale));
+  }
   template <bool kStream, typename T>
   static void store_halves(T* row, __m128i lo, __m128i hi) {
     if (kStream) {

@@ -35,9 +35,36 @@ struct Simd {
   };
 
   static __m512 broadcast(float value) { return _mm512_set1_ps(value); }
+  static Block zero() { return {_mm512_setzero_ps(), _mm512_setzero_ps()}; }
   static Block fmadd(Block a, __m512 b, Block c) { return {_mm512_fmadd_ps(a.lo, b, c.lo), _mm512_fmadd_ps(a.hi, b, c.hi)}; }
+  static Block fmadd(Block a, Block b, Block c) { return {_mm512_fmadd_ps(a.lo, b.lo, c.lo), _mm512_fmadd_ps(a.hi, b.hi, c.hi)}; }
+  static Block fnmadd(Block a, __m512 b, Block c) { return {_mm512_fnmadd_ps(a.lo, b, c.lo), _mm512_fnmadd_ps(a.hi, b, c.hi)}; }
   static Block add(Block a, Block b) { return {_mm512_add_ps(a.lo, b.lo), _mm512_add_ps(a.hi, b.hi)}; }
+  static Block sub(Block a, __m512 b) { return {_mm512_sub_ps(a.lo, b), _mm512_sub_ps(a.hi, b)}; }
   static Block mul(Block a, __m512 b) { return {_mm512_mul_ps(a.lo, b), _mm512_mul_ps(a.hi, b)}; }
+  static Block mul(Block a, Block b) { return {_mm512_mul_ps(a.lo, b.lo), _mm512_mul_ps(a.hi, b.hi)}; }
+  // the sum of the lanes, in a fixed order
+  static float sum(Block a) { return _mm512_reduce_add_ps(_mm512_add_ps(a.lo, a.hi)); }
+
+  // The dropout (kernel_math.h) of the elements first + lane_column(l) of a block: every dtype in natural order.
+  struct Dropout {
+    __m512i seed_low, threshold;
+    __m512 keep_scale;
+  };
+  static Dropout dropout(uint32_t seed_low, uint32_t threshold, float keep_scale) {
+    return {_mm512_set1_epi32(static_cast<int>(seed_low)), _mm512_set1_epi32(static_cast<int>(threshold)),
+            _mm512_set1_ps(keep_scale)};
+  }
+  template <typename scalar_t>
+  static int64_t lane_column(int64_t lane) { return lane; }
+  template <typename scalar_t>
+  EMBEDFAST_INLINE static Block keep_scaled(Block values, const Dropout& dropout, uint32_t key, uint32_t first) {
+    const __m512i lanes = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)),
+                                           _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512i keys = _mm512_set1_epi32(static_cast<int>(key));
+    return {keep_scaled(values.lo, lanes, dropout, keys),
+            keep_scaled(values.hi, _mm512_add_epi32(lanes, _mm512_set1_epi32(16)), dropout, keys)};
+  }
 
   static Block load(const float* row) { return {_mm512_loadu_ps(row), _mm512_loadu_ps(row + 16)}; }
   static Block load(const c10::Half* row) { return {_mm512_cvtph_ps(load256(row)), _mm512_cvtph_ps(load256(row + 16))}; }
@@ -66,6 +93,17 @@ struct Simd {
   }
 
  private:
+  EMBEDFAST_INLINE static __m512i fmix32(__m512i h) {
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu)));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u)));
+    return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+  }
+  EMBEDFAST_INLINE static __m512 keep_scaled(__m512 values, __m512i elements, const Dropout& dropout, __m512i keys) {
+    const __m512i bits = fmix32(_mm512_xor_si512(fmix32(_mm512_xor_si512(elements, dropout.seed_low)), keys));
+    return _mm512_maskz_mul_ps(_mm512_cmpge_epu32_mask(bits, dropout.threshold), values, dropout.keep_scale);
+  }
   template <typename T>
   static __m256i load256(const T* row) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)); }
   static __m512 widen(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
