@@ -171,7 +171,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(const NormBackw
           bias_grad ? sum_partials(bias_partials, layout, dtype) : none()};
 }
 
+// The dropout row loop alone, for tests of element indices no test can allocate: row n of `values` (N, D) with the
+// mask of elements first_element + n * D + d, as norm_backward applies it without a norm.
+at::Tensor dropout_rows_cpu(const at::Tensor& values, const at::Tensor& seed, int64_t first_element, double p) {
+  TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && values.device().is_cpu(),
+              "dropout_rows_cpu: values must be a contiguous 2-D CPU tensor, got shape ", values.sizes());
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "dropout_rows_cpu: seed must be a 1-element int64 CPU tensor");
+  TORCH_CHECK(first_element >= 0, "dropout_rows_cpu: first_element must be >= 0, got ", first_element);
+  TORCH_CHECK(p > 0 && p < 1, "dropout_rows_cpu: p must be in (0, 1), got ", p);
+  const int64_t rows = values.size(0), dim = values.size(1);
+  at::Tensor out = at::empty_like(values);
+  EMBEDFAST_DISPATCH_TABLE_TYPES(values.scalar_type(), "embedfast_dropout_rows_cpu", [&] {
+    using acc_t = math_t<scalar_t>;
+    const NormEpilogue<acc_t> epilogue{NormMode::kNone, acc_t(0), static_cast<uint64_t>(seed.item<int64_t>()),
+                                       dropout_threshold(p), dropout_scale<acc_t>(p), true};
+    const NormRow<acc_t> row{nullptr, nullptr, epilogue, dim};
+    for (int64_t n = 0; n < rows; ++n) {
+      norm_masked_rows(out.data_ptr<scalar_t>() + n * dim, scratch<acc_t>(dim), values.data_ptr<scalar_t>() + n * dim,
+                       row, static_cast<uint64_t>(first_element + n * dim));
+    }
+  });
+  return out;
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(embedfast, m) {
+  m.def("dropout_rows_cpu(Tensor values, Tensor seed, int first_element, float p) -> Tensor", &dropout_rows_cpu);
+}
 
 TORCH_LIBRARY_IMPL(embedfast, CPU, m) {
   m.impl("norm_forward_extension",

@@ -61,21 +61,20 @@ void store_side_blocks(scalar_t* out, const float* side, float scale, int64_t di
 // in a fixed order, then the row's tail columns in order; x, dy are rows in the lane order of scalar_t, like the
 // weight and bias side rows.
 
-// The dropout of a block whose lane l holds element first + Simd::lane_column<scalar_t>(l): kept values scaled,
-// dropped ones +0. The hash runs on 32-bit lanes (kernel_math.h) unless the block crosses a multiple of 2^32.
+// Which lanes of a block the dropout keeps, lane l holding element first + Simd::lane_column<scalar_t>(l).
+template <typename scalar_t>
+EMBEDFAST_INLINE typename Simd::Kept kept_lanes(const NormEpilogue<float>& epilogue, const typename Simd::Dropout& dropout,
+                                                uint64_t first) {
+  const auto high = static_cast<uint32_t>(first >> 32);
+  return Simd::template kept<scalar_t>(dropout, dropout_key(epilogue.seed, high), dropout_key(epilogue.seed, high + 1),
+                                       static_cast<uint32_t>(first));
+}
+
+// the dropout of a block: kept values scaled, dropped ones +0
 template <typename scalar_t>
 EMBEDFAST_INLINE typename Simd::Block drop_block(typename Simd::Block values, const NormEpilogue<float>& epilogue,
-                                const typename Simd::Dropout& dropout, uint64_t first) {
-  const auto low = static_cast<uint32_t>(first);
-  if (static_cast<uint64_t>(low) + Simd::kBlock <= (uint64_t{1} << 32)) {
-    return Simd::template keep_scaled<scalar_t>(values, dropout, dropout_key(epilogue.seed, static_cast<uint32_t>(first >> 32)), low);
-  }
-  alignas(64) float lanes[Simd::kBlock];
-  Simd::template store<false>(lanes, values);
-  for (int64_t lane = 0; lane < Simd::kBlock; ++lane) {
-    lanes[lane] = epilogue.drop(lanes[lane], first + Simd::template lane_column<scalar_t>(lane));
-  }
-  return Simd::load(lanes);
+                                                 const typename Simd::Dropout& dropout, uint64_t first) {
+  return Simd::keep_scaled(values, kept_lanes<scalar_t>(epilogue, dropout, first), dropout);
 }
 
 inline typename Simd::Dropout dropout_of(const NormEpilogue<float>& epilogue) {
