@@ -93,7 +93,7 @@ def _register_norm(backend: str, backward_op) -> None:
         setup_context=_setup_norm_context)
 
     def forward(ctx, *inputs):
-        out, stats = norm_forward_op(*inputs[:_NUM_FORWARD + _NUM_NORM])
+        out, stats = _without_autograd_kernel(norm_forward_op, *inputs[:_NUM_FORWARD + _NUM_NORM])
         _setup_norm_context(ctx, inputs, (out, stats))
         return out
 
@@ -173,7 +173,18 @@ def call_norm_forward(backend: str, *arguments) -> torch.Tensor:
                                   "only, not under forward-mode AD or torch.func transforms")
     elif wanted:
         return _NORM_FUNCTIONS[backend].apply(*arguments)
+    else:
+        return _without_autograd_kernel(getattr(torch.ops.embedfast, f"norm_forward_{backend}"),
+                                        *arguments[:_NUM_FORWARD + _NUM_NORM])[0]
     return getattr(torch.ops.embedfast, f"norm_forward_{backend}")(*arguments[:_NUM_FORWARD + _NUM_NORM])[0]
+
+
+def _without_autograd_kernel(op, *arguments):
+    """``op(*arguments)`` eagerly where no derivative of it can be asked for (grad mode off, or no input that
+    requires grad), below the autograd kernel ``register_autograd`` gave it: that kernel only redispatches then, in
+    Python, for about 15 us a call."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*arguments)
 
 
 def _function(name: str, op, setup_context, backward, jvp=None, op_inputs: int | None = None) -> type[torch.autograd.Function]:
@@ -269,8 +280,11 @@ def _norm_backward(ctx, grad_out, norm_backward_op, backward_op, sparse_rows):
     forward = _with_index_tensors(ctx.forward_inputs, saved)._replace(**dict(zip(_TABLE_NAMES, tables)))
     norm = ctx.norm_inputs._replace(**dict(zip(_NORM_TENSORS, norm_tensors)))
     wants = NormInputs(*ctx.needs_input_grad[_NUM_FORWARD:_NUM_FORWARD + _NUM_NORM])
-    grad_sum, weight_grad, bias_grad = norm_backward_op(grad_out.contiguous(), stats, *forward, *norm,
-                                                        wants.norm_weight or wants.norm_bias)
+    norm_backward_inputs = (grad_out.contiguous(), stats, *forward, *norm, wants.norm_weight or wants.norm_bias)
+    if torch.is_grad_enabled():  # create_graph: through the op's autograd kernel, which refuses a double backward
+        grad_sum, weight_grad, bias_grad = norm_backward_op(*norm_backward_inputs)
+    else:
+        grad_sum, weight_grad, bias_grad = _without_autograd_kernel(norm_backward_op, *norm_backward_inputs)
     table_grads = (None,) * _NUM_FORWARD
     if any(ctx.needs_input_grad[:_NUM_FORWARD]):
         table_grads = _backward(ctx, grad_sum, backward_op, sparse_rows)[:_NUM_FORWARD]
