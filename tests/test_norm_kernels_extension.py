@@ -273,3 +273,32 @@ def test_dropout_rows_are_dropout_py_bitwise(dtype, seed, base):
     math = compute_dtype(dtype)
     expected = torch.where(kept, values.to(math) * torch.tensor(1 / (1 - p), dtype=math), 0).to(dtype)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", list(NormMode), ids=lambda m: m.name.lower())
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_nan_and_inf_propagate_as_in_the_reference(dtype, mode, p):
+    """A NaN in a vector block and an Inf in the tail of token rows: the outputs and every gradient have NaN, Inf and
+    zeros where the reference has them (a norm spreads them over the row; dropped elements are zeros)."""
+    forward = _forward_inputs(dtype, 71)
+    forward.weight[forward.input_ids[1], 3] = float("nan")
+    forward.weight[forward.input_ids[5], 70] = float("inf")
+    forward.weight[forward.input_ids[9], 40] = float("-inf")
+    norm = _norm_inputs(forward, mode, True, p)
+    out, stats = torch.ops.embedfast.norm_forward_extension(*forward, *norm)
+    ref_out, ref_stats = reference_norm_forward(*forward, *norm)
+    tolerance = TOLERANCE[dtype] * 4
+
+    def assert_close(actual, expected):
+        assert torch.equal(actual.isnan(), expected.isnan()) and torch.equal(actual.isinf(), expected.isinf())
+        torch.testing.assert_close(actual.double(), expected.double(), rtol=tolerance, atol=tolerance * 10,
+                                   equal_nan=True)
+
+    assert p > 0 or (ref_out.isnan().any() and ref_out.isinf().any() if mode == NormMode.NONE else ref_out.isnan().any())
+    assert_close(out, ref_out)
+    assert_close(stats, ref_stats)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    inputs = (grad_out, ref_stats, *forward, *norm, True)
+    for grad, ref in zip(torch.ops.embedfast.norm_backward_extension(*inputs), reference_norm_backward(*inputs)):
+        assert_close(grad, ref)
