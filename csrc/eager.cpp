@@ -2,8 +2,10 @@
 // (functional.embed's work), the forward operator and, when a table needs a gradient, a C++ autograd node whose
 // backward calls the backward operator. It computes what ops._backward computes for the other backends (the
 // sparse or dense token gradient, padding rows gathered away, the position and segment gradients), without Python
-// on the path: a call costs microseconds, not tens of them. functional.embed sends every other derivative mode
-// (forward mode, torch.func, torch.compile) through ops.call_forward's Python Functions.
+// on the path: a call costs microseconds, not tens of them. With a norm or dropout the call is the norm forward
+// operator's and its node calls the norm backward operator first (what ops._norm_backward does). functional.embed
+// sends every other derivative mode (forward mode, torch.func, torch.compile) through ops.call_forward's and
+// ops.call_norm_forward's Python Functions.
 #include "eager.h"
 
 #include <ATen/ATen.h>
@@ -37,6 +39,18 @@ const c10::OperatorHandle& backward_operator() {
   return op;
 }
 
+const c10::OperatorHandle& norm_forward_operator() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::norm_forward_extension", "");
+  return op;
+}
+
+const c10::OperatorHandle& norm_backward_operator() {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::norm_backward_extension", "");
+  return op;
+}
+
 // Calls an operator by its stack; below autograd unless a graph of the call is wanted (double backward goes
 // through the backward operator's registered derivative).
 torch::jit::Stack call(const c10::OperatorHandle& op, torch::jit::Stack stack, bool record_autograd) {
@@ -49,14 +63,11 @@ torch::jit::Stack call(const c10::OperatorHandle& op, torch::jit::Stack stack, b
   return stack;
 }
 
-// The forward operator's (num_tokens, D) result as (*leading, D): a fresh tensor that nobody else holds, so the
-// reshape is made below autograd (no view to track, no node of its own).
-at::Tensor forward(const ForwardArgs& args, c10::IntArrayRef leading) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  torch::jit::Stack stack = args.pack();
-  forward_operator().callBoxed(stack);
-  const at::Tensor out = stack[0].toTensor();
+// An operator's (num_tokens, D) result as (*leading, D): a fresh tensor that nobody else holds, so the reshape is
+// made below autograd (no view to track, no node of its own).
+at::Tensor shaped(const at::Tensor& out, c10::IntArrayRef leading) {
   if (leading.size() == 1) return out;
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   std::vector<int64_t> sizes(leading.begin(), leading.end());
   sizes.push_back(out.size(1));
   return out.view(sizes);
@@ -66,34 +77,70 @@ at::Tensor sparse_gradient(const at::Tensor& indices, const at::Tensor& values, 
   return at::_sparse_coo_tensor_unsafe(indices, values, {num_embeddings, values.size(1)});
 }
 
-// The derivative of one call. Its edges are the tables (weight, position_weight, segment_weight); a table that was
-// not given or needs no gradient has an invalid edge and gets no gradient.
-struct FusedInputEmbeddingBackward : public torch::autograd::Node {
+std::optional<at::Tensor> optional(const SavedVariable& saved) {
+  at::Tensor tensor = saved.unpack();
+  return tensor.defined() ? std::optional<at::Tensor>(std::move(tensor)) : std::nullopt;
+}
+
+SavedVariable saved(const std::optional<at::Tensor>& tensor) {
+  return tensor.has_value() ? SavedVariable(*tensor, /*is_output=*/false) : SavedVariable();
+}
+
+int64_t rows_of(const std::optional<at::Tensor>& table) { return table.has_value() ? table->size(0) : 0; }
+
+// An argument's value into a node's constants; tensors are saved as SavedVariables instead.
+template <typename T>
+void copy_constant(T& to, const T& from) {
+  to = from;
+}
+inline void copy_constant(at::Tensor&, const at::Tensor&) {}
+inline void copy_constant(std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {}
+
+// What the tables' gradients of a call need (its index tensors and constants), and how they are made from the
+// gradient of the sum: what ops._backward computes for the other backends (the sparse or dense token gradient,
+// padding rows gathered away, the position and segment gradients).
+struct TableGradients {
   SavedVariable input_ids, position_ids, token_type_ids, cu_seqlens;  // undefined where not given
   // the backward's arguments but the tensors and the token gradient; num_positions and num_segments are the
   // tables' rows (0: no table)
   BackwardArgs constants;
   bool sparse = true;
 
-  std::string name() const override { return "FusedInputEmbeddingBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* saved : {&input_ids, &position_ids, &token_type_ids, &cu_seqlens}) saved->reset_data();
+  TableGradients() = default;
+  TableGradients(const ForwardArgs& args, int64_t padding_idx, bool sparse_gradient)
+      : input_ids(args.input_ids, /*is_output=*/false),
+        position_ids(saved(args.position_ids)),
+        token_type_ids(saved(args.token_type_ids)),
+        cu_seqlens(saved(args.cu_seqlens)),
+        sparse(sparse_gradient) {
+    constants.num_embeddings = args.weight.size(0);
+    constants.padding_idx = padding_idx;
+    constants.scale = args.scale;
+    constants.num_positions = rows_of(args.position_weight);
+    constants.num_segments = rows_of(args.segment_weight);
+    constants.position_offset = args.position_offset;
+    constants.seq_len = args.seq_len;
+    constants.check_bounds = args.check_bounds;
+    constants.vocab_start = args.vocab_start;
+    constants.vocab_size = args.vocab_size;
+    constants.chunk_start = args.chunk_start;
+    constants.chunk_end = args.chunk_end;
   }
 
-  variable_list apply(variable_list&& grads) override {
-    if (!grads[0].defined()) return variable_list(3);
-    const bool wants_weight = task_should_compute_output(0);
-    const bool wants_positions = constants.num_positions > 0 && task_should_compute_output(1);
-    const bool wants_segments = constants.num_segments > 0 && task_should_compute_output(2);
-    const at::Tensor ids = input_ids.unpack();
-    const at::Tensor grad_out = grads[0].reshape({ids.numel(), grads[0].size(-1)}).contiguous();
+  void reset() {
+    for (SavedVariable* tensor : {&input_ids, &position_ids, &token_type_ids, &cu_seqlens}) tensor->reset_data();
+  }
+
+  // {weight, position_weight, segment_weight} gradients of grad_sum (num_tokens, D), undefined where not wanted
+  variable_list operator()(const at::Tensor& grad_sum, const at::Tensor& ids, bool wants_weight, bool wants_positions,
+                           bool wants_segments) const {
+    wants_positions = wants_positions && constants.num_positions > 0;
+    wants_segments = wants_segments && constants.num_segments > 0;
     const int64_t padding_idx = constants.padding_idx, num_embeddings = constants.num_embeddings;
     // sparse with padding or of a shard: the rows kept are only known from the ids, so they are gathered here instead
     const bool gather_rows = wants_weight && sparse && (padding_idx >= 0 || constants.vocab_size > 0);
     BackwardArgs args = constants;
-    args.grad_out = grad_out;
+    args.grad_out = grad_sum;
     args.input_ids = ids;
     args.position_ids = optional(position_ids);
     args.token_type_ids = optional(token_type_ids);
@@ -109,7 +156,7 @@ struct FusedInputEmbeddingBackward : public torch::autograd::Node {
       const at::Tensor rows = vocab_start == 0 ? ids.to(at::kLong) : ids.to(at::kLong) - vocab_start;
       at::Tensor keep = ids.ne(padding_idx);
       if (constants.vocab_size > 0) keep.logical_and_(rows.ge(0)).logical_and_(rows.lt(num_embeddings));  // in the shard
-      weight_grad = sparse_gradient(rows.index({keep}).unsqueeze(0), grad_out.index({keep}).mul_(constants.scale),
+      weight_grad = sparse_gradient(rows.index({keep}).unsqueeze(0), grad_sum.index({keep}).mul_(constants.scale),
                                     num_embeddings);
     } else if (args.token_grad == TokenGrad::kSparse) {  // indices copied: the gradient must not change when ids are reused
       weight_grad =
@@ -120,11 +167,74 @@ struct FusedInputEmbeddingBackward : public torch::autograd::Node {
     return {weight_grad, wants_positions ? result[1].toTensor() : at::Tensor(),
             wants_segments ? result[2].toTensor() : at::Tensor()};
   }
+};
 
- private:
-  static std::optional<at::Tensor> optional(const SavedVariable& saved) {
-    at::Tensor tensor = saved.unpack();
-    return tensor.defined() ? std::optional<at::Tensor>(std::move(tensor)) : std::nullopt;
+// The derivative of one call. Its edges are the tables (weight, position_weight, segment_weight); a table that was
+// not given or needs no gradient has an invalid edge and gets no gradient.
+struct FusedInputEmbeddingBackward : public torch::autograd::Node {
+  TableGradients tables;
+
+  std::string name() const override { return "FusedInputEmbeddingBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tables.reset();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return variable_list(3);
+    const at::Tensor ids = tables.input_ids.unpack();
+    const at::Tensor grad_out = grads[0].reshape({ids.numel(), grads[0].size(-1)}).contiguous();
+    return tables(grad_out, ids, task_should_compute_output(0), task_should_compute_output(1),
+                  task_should_compute_output(2));
+  }
+};
+
+// The derivative of one call with a norm or dropout: the norm's backward operator (the gradient of the sum, and
+// the norm's parameters'), then the tables' gradients of that sum. Its edges are the tables, norm_weight, norm_bias.
+struct FusedNormEmbeddingBackward : public torch::autograd::Node {
+  TableGradients tables;
+  SavedVariable weight, position_weight, segment_weight, norm_weight, norm_bias, dropout_seed, stats;
+  NormBackwardArgs constants;  // the norm backward's arguments but the tensors and norm_grads
+
+  std::string name() const override { return "FusedNormEmbeddingBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    tables.reset();
+    for (SavedVariable* tensor : {&weight, &position_weight, &segment_weight, &norm_weight, &norm_bias, &dropout_seed, &stats}) {
+      tensor->reset_data();
+    }
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    if (!grads[0].defined()) return variable_list(5);
+    const at::Tensor ids = tables.input_ids.unpack();
+    NormBackwardArgs args = constants;
+    args.grad_out = grads[0].reshape({ids.numel(), grads[0].size(-1)}).contiguous();
+    args.stats = stats.unpack();
+    args.input_ids = ids;
+    args.position_ids = optional(tables.position_ids);
+    args.token_type_ids = optional(tables.token_type_ids);
+    args.cu_seqlens = optional(tables.cu_seqlens);
+    args.weight = weight.unpack();
+    args.position_weight = optional(position_weight);
+    args.segment_weight = optional(segment_weight);
+    args.norm_weight = optional(norm_weight);
+    args.norm_bias = optional(norm_bias);
+    args.dropout_seed = optional(dropout_seed);
+    const bool wants_norm_weight = task_should_compute_output(3), wants_norm_bias = task_should_compute_output(4);
+    args.norm_grads = wants_norm_weight || wants_norm_bias;
+    // with create_graph through the operator's autograd kernel, which refuses a double backward
+    const torch::jit::Stack result = call(norm_backward_operator(), args.pack(), c10::GradMode::is_enabled());
+    variable_list gradients(3);
+    if (task_should_compute_output(0) || task_should_compute_output(1) || task_should_compute_output(2)) {
+      gradients = tables(result[0].toTensor(), ids, task_should_compute_output(0), task_should_compute_output(1),
+                         task_should_compute_output(2));
+    }
+    gradients.push_back(wants_norm_weight ? result[1].toTensor() : at::Tensor());
+    gradients.push_back(wants_norm_bias ? result[2].toTensor() : at::Tensor());
+    return gradients;
   }
 };
 
@@ -144,38 +254,41 @@ auto make_node() {
   }
 }
 
-int64_t rows_of(const std::optional<at::Tensor>& table) { return table.has_value() ? table->size(0) : 0; }
-
 // The forward operator's result as (*leading, D); differentiable (the node above) when grad mode is on and a
 // table needs a gradient.
 at::Tensor fused_forward(const ForwardArgs& args, int64_t padding_idx, bool sparse, c10::IntArrayRef leading) {
-  if (!torch::autograd::compute_requires_grad(args.weight, args.position_weight, args.segment_weight)) {
-    return forward(args, leading);
-  }
+  const at::Tensor out = shaped(call(forward_operator(), args.pack(), /*record_autograd=*/false)[0].toTensor(), leading);
+  if (!torch::autograd::compute_requires_grad(args.weight, args.position_weight, args.segment_weight)) return out;
   auto node = make_node<FusedInputEmbeddingBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(args.weight, args.position_weight, args.segment_weight));
-  const auto save = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() ? SavedVariable(*t, /*is_output=*/false) : SavedVariable();
-  };
-  node->input_ids = SavedVariable(args.input_ids, /*is_output=*/false);
-  node->position_ids = save(args.position_ids);
-  node->token_type_ids = save(args.token_type_ids);
-  node->cu_seqlens = save(args.cu_seqlens);
-  BackwardArgs& constants = node->constants;
-  constants.num_embeddings = args.weight.size(0);
-  constants.padding_idx = padding_idx;
-  constants.scale = args.scale;
-  constants.num_positions = rows_of(args.position_weight);
-  constants.num_segments = rows_of(args.segment_weight);
-  constants.position_offset = args.position_offset;
-  constants.seq_len = args.seq_len;
-  constants.check_bounds = args.check_bounds;
-  constants.vocab_start = args.vocab_start;
-  constants.vocab_size = args.vocab_size;
-  constants.chunk_start = args.chunk_start;
-  constants.chunk_end = args.chunk_end;
-  node->sparse = sparse;
-  at::Tensor out = forward(args, leading);
+  node->tables = TableGradients(args, padding_idx, sparse);
+  torch::autograd::set_history(out, node);
+  return out;
+}
+
+// The norm forward operator's output as (*leading, D); differentiable (FusedNormEmbeddingBackward) when grad mode
+// is on and a table, norm_weight or norm_bias needs a gradient.
+at::Tensor fused_norm_forward(const NormForwardArgs& args, int64_t padding_idx, bool sparse, c10::IntArrayRef leading) {
+  const torch::jit::Stack result = call(norm_forward_operator(), args.pack(), /*record_autograd=*/false);
+  const at::Tensor out = shaped(result[0].toTensor(), leading);
+  if (!torch::autograd::compute_requires_grad(args.weight, args.position_weight, args.segment_weight, args.norm_weight,
+                                              args.norm_bias)) {
+    return out;
+  }
+  auto node = make_node<FusedNormEmbeddingBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(args.weight, args.position_weight, args.segment_weight,
+                                                           args.norm_weight, args.norm_bias));
+  node->tables = TableGradients(forward_part(args), padding_idx, sparse);
+  node->weight = SavedVariable(args.weight, /*is_output=*/false);
+  node->position_weight = saved(args.position_weight);
+  node->segment_weight = saved(args.segment_weight);
+  node->norm_weight = saved(args.norm_weight);
+  node->norm_bias = saved(args.norm_bias);
+  node->dropout_seed = saved(args.dropout_seed);
+  node->stats = SavedVariable(result[1].toTensor(), /*is_output=*/false);
+#define EMBEDFAST_COPY(type, name) copy_constant(node->constants.name, args.name);
+  EMBEDFAST_NORM_FORWARD_ARGUMENTS(EMBEDFAST_COPY)
+#undef EMBEDFAST_COPY
   torch::autograd::set_history(out, node);
   return out;
 }
@@ -295,7 +408,10 @@ at::Tensor EagerEmbedding::operator()(py::handle input_ids, const at::Tensor& we
                                       const std::optional<at::Tensor>& position_weight,
                                       const std::optional<at::Tensor>& segment_weight, py::handle token_type_ids,
                                       py::handle position_ids, py::handle past_length, py::handle cu_seqlens,
-                                      py::handle position_offset, int64_t chunk_start, int64_t chunk_end) const {
+                                      py::handle position_offset, int64_t chunk_start, int64_t chunk_end,
+                                      std::optional<int64_t> norm_mode, double norm_eps, double dropout_p,
+                                      const std::optional<at::Tensor>& norm_weight,
+                                      const std::optional<at::Tensor>& norm_bias) const {
   const at::Tensor& ids = index_tensor("input_ids", input_ids);
   check_same_device("input_ids", ids, weight);
   const int64_t past = nonnegative_int("past_length", past_length);
@@ -325,7 +441,20 @@ at::Tensor EagerEmbedding::operator()(py::handle input_ids, const at::Tensor& we
   args.seq_len = shape.empty() ? 1 : shape.back();
   args.chunk_start = chunk_start;
   args.chunk_end = chunk_end;
-  return fused_forward(args, padding_idx_, sparse_, shape);
+  if (!norm_mode.has_value()) return fused_forward(args, padding_idx_, sparse_, shape);
+  NormForwardArgs norm_args;
+#define EMBEDFAST_COPY(type, name) norm_args.name = args.name;
+  EMBEDFAST_FORWARD_ARGUMENTS(EMBEDFAST_COPY)
+#undef EMBEDFAST_COPY
+  norm_args.norm_weight = norm_weight;
+  norm_args.norm_bias = norm_bias;
+  norm_args.norm_mode = static_cast<NormMode>(*norm_mode);  // checked by the operator
+  norm_args.norm_eps = norm_eps;
+  norm_args.dropout_p = dropout_p;
+  if (dropout_p > 0) {  // dropout.draw_seed: the same draw from the device's default generator
+    norm_args.dropout_seed = at::randint(0, kDropoutSeedBound, {1}, weight.options().dtype(at::kLong));
+  }
+  return fused_norm_forward(norm_args, padding_idx_, sparse_, shape);
 }
 
 }  // namespace embedfast

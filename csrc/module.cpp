@@ -18,5 +18,6 @@ PYBIND11_MODULE(_C, m) {
       .def("__call__", &EagerEmbedding::operator(), py::arg("input_ids"), py::arg("weight"),
            py::arg("position_weight"), py::arg("segment_weight"), py::arg("token_type_ids"), py::arg("position_ids"),
            py::arg("past_length"), py::arg("cu_seqlens"), py::arg("position_offset"), py::arg("chunk_start") = 0,
-           py::arg("chunk_end") = -1);
+           py::arg("chunk_end") = -1, py::arg("norm_mode") = py::none(), py::arg("norm_eps") = 1e-5,
+           py::arg("dropout_p") = 0.0, py::arg("norm_weight") = py::none(), py::arg("norm_bias") = py::none());
 }

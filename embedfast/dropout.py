@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from .spec import DROPOUT_SEED_BOUND
+
 _MASK32 = 0xFFFFFFFF
-_SEED_BOUND = 2**62
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A fresh seed from the default generator of ``device``: a 1-element int64 tensor on it."""
-    return torch.randint(0, _SEED_BOUND, (1,), dtype=torch.int64, device=device)
+    return torch.randint(0, DROPOUT_SEED_BOUND, (1,), dtype=torch.int64, device=device)
 
 
 def _mul32(h: torch.Tensor, constant: int) -> torch.Tensor:

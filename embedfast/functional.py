@@ -172,13 +172,19 @@ def embed(backend: str, settings: Settings, input_ids: torch.Tensor, weight: tor
     ``chunk``: the columns ``[start, end)`` of the last dim (-1: to its end) that get the position and segment
     terms (``spec.py``). A backend's eager entry, where allowed, does all of it instead (the extension's in C++,
     ``csrc/eager.cpp``, with the same checks and messages). ``norm``: the norm and dropout, with their
-    (contiguous) parameters; they go through ``ops.call_norm_forward``."""
-    entry = eager_entry(backend, settings) if norm is None and eager_entry_allowed() else None
+    (contiguous) parameters (through ``ops.call_norm_forward`` where there is no eager entry)."""
+    entry = eager_entry(backend, settings) if eager_entry_allowed() else None
     if entry is not None:
         return entry(input_ids, weight, position_weight, segment_weight, token_type_ids, position_ids, past_length,
-                     cu_seqlens, position_offset, *chunk)
+                     cu_seqlens, position_offset, *chunk, *eager_norm_arguments(norm, norm_weight, norm_bias))
     return _embed_in_python(backend, settings, input_ids, weight, position_weight, segment_weight, token_type_ids,
                             position_ids, past_length, cu_seqlens, position_offset, chunk, norm, norm_weight, norm_bias)
+
+
+def eager_norm_arguments(norm: NormSettings | None, norm_weight: torch.Tensor | None,
+                         norm_bias: torch.Tensor | None) -> tuple:
+    """The norm's arguments of an eager entry's call, after ``chunk_end`` (none without a norm)."""
+    return () if norm is None else (norm.mode, norm.eps, norm.dropout_p, norm_weight, norm_bias)
 
 
 def _embed_in_python(backend, settings, input_ids, weight, position_weight, segment_weight, token_type_ids, position_ids,

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .backends import check_backend_name, resolve_backend
-from .functional import NormSettings, Settings, embed, fused_input_embedding, resolve_norm, resolve_settings
+from .functional import (NormSettings, Settings, eager_norm_arguments, embed, fused_input_embedding, resolve_norm,
+                         resolve_settings)
 from .ops import eager_entry, eager_entry_allowed
 from .validation import (check_nonnegative_int, check_norm_settings, check_position_settings, check_positive_int,
                          normalize_padding_idx, resolve_scale)
@@ -138,11 +139,13 @@ class FusedInputEmbedding(nn.Module):
                                         self.sinusoid_layout, self.sinusoid_base, self.embed_scale, self.padding_idx,
                                         self.sparse, self.check_bounds)
             backend = resolve_backend(self.backend, device)
-            # the entry is handed the tables straight from _parameters: only where they all live there
-            plain_tables = all(name in self._parameters or getattr(self, name) is None for name in self._TABLES)
+            # the entry is handed the tables and norm parameters straight from _parameters: only where they all
+            # live there
+            plain_tables = all(name in self._parameters or getattr(self, name) is None
+                               for name in (*self._TABLES, "norm_weight", "norm_bias"))
             norm_train = resolve_norm(self.norm, self.norm_weight, self.norm_bias, self.norm_eps, "dropout", self.dropout)
             norm_eval = resolve_norm(self.norm, self.norm_weight, self.norm_bias, self.norm_eps, "dropout", 0.0)
-            entry = eager_entry(backend, settings) if plain_tables and norm_train is None else None
+            entry = eager_entry(backend, settings) if plain_tables else None
             plan = self.__dict__["_plan"] = _Plan(device, backend, settings, entry, norm_train, norm_eval)
         return plan
 
@@ -177,14 +180,15 @@ class FusedInputEmbedding(nn.Module):
         """
         if not torch.compiler.is_compiling():
             plan = self._call_plan()
+            norm = plan.norm_train if self.training else plan.norm_eval
             if plan.entry is not None and eager_entry_allowed():  # (nn.Module.__getattr__ costs a microsecond a table)
                 tables = self._parameters
                 return plan.entry(input_ids, tables["weight"], tables.get("position_weight"), tables.get("segment_weight"),
-                                  token_type_ids, position_ids, past_length, cu_seqlens, position_offset)
+                                  token_type_ids, position_ids, past_length, cu_seqlens, position_offset, 0, -1,
+                                  *eager_norm_arguments(norm, tables.get("norm_weight"), tables.get("norm_bias")))
             return embed(plan.backend, plan.settings, input_ids, self.weight, self.position_weight, self.segment_weight,
-                         token_type_ids, position_ids, past_length, cu_seqlens, position_offset,
-                         norm=plan.norm_train if self.training else plan.norm_eval, norm_weight=self.norm_weight,
-                         norm_bias=self.norm_bias)
+                         token_type_ids, position_ids, past_length, cu_seqlens, position_offset, norm=norm,
+                         norm_weight=self.norm_weight, norm_bias=self.norm_bias)
         return fused_input_embedding(
             input_ids,
             self.weight,

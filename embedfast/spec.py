@@ -194,6 +194,11 @@ NormInputs = _inputs_type("NormInputs", _NORM)
 NormBackwardInputs = _inputs_type("NormBackwardInputs", _NORM_BACKWARD)
 
 
+DROPOUT_SEED_BOUND = 2**62
+"""Dropout seeds are drawn uniformly from ``[0, DROPOUT_SEED_BOUND)`` (``dropout.draw_seed``; the extension's eager
+entry draws them in C++, ``spec.h`` mirrors it)."""
+
+
 def dropout_threshold(p: float) -> int:
     """A dropout element is dropped when its 32 random bits are below this (``kernel_math.h`` mirrors it)."""
     return min(int(p * 4294967296.0), 4294967295)

@@ -263,3 +263,67 @@ def test_ids_changed_in_place_after_the_forward_fail_the_backward(shape):
     token_type_ids.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+NORM_NODE = "FusedNormEmbeddingBackward"
+# module options (with a norm or dropout), train mode, call arguments
+NORM_CASES = {
+    "layernorm-dropout-train": ({"norm": "layernorm", "dropout": 0.3}, True, {}),
+    "layernorm-eval": ({"norm": "layernorm", "dropout": 0.3}, False, {}),
+    "rmsnorm-dense-padding": ({"norm": "rmsnorm", "sparse": False, "padding_idx": 1}, True, {}),
+    "dropout-only-train": ({"dropout": 0.5}, True, {}),
+    "sinusoid-past-length": ({"norm": "layernorm", "dropout": 0.1, "position": "sinusoidal", "max_positions": None}, True,
+                             {"past_length": 3}),
+}
+
+
+def _norm_call(module, device, kwargs, seed):
+    torch.manual_seed(seed)  # the ids, then the dropout seed
+    out = module(torch.randint(0, VOCAB, (3, 5), device=device), torch.randint(0, 2, (3, 5), device=device), **kwargs)
+    out.backward(torch.randn(out.shape, device=device, generator=torch.Generator(device).manual_seed(seed)))
+    return out, _grads(module)
+
+
+@pytest.mark.parametrize("case", NORM_CASES.values(), ids=NORM_CASES.keys())
+def test_norm_calls_equal_the_python_path(case, device, monkeypatch):
+    """With a norm or dropout the entry's output (the same dropout mask from the same manual_seed) and every
+    gradient, the norm's weight and bias too, are the Python path's, bitwise."""
+    options, training, kwargs = case
+    module = make(**options).to(device).train(training)
+    torch.manual_seed(0)
+    args = (torch.randint(0, VOCAB, (3, 5), device=device), torch.randint(0, 2, (3, 5), device=device))
+    assert module(*args, **kwargs).grad_fn.name() == NORM_NODE
+    module.zero_grad(set_to_none=True)
+    out, grads = _norm_call(module, device, kwargs, seed=1)
+    module.zero_grad(set_to_none=True)
+    python_shaping(monkeypatch)
+    expected, expected_grads = _norm_call(module, device, kwargs, seed=1)
+    assert expected.grad_fn.name() != NORM_NODE
+    assert torch.equal(out, expected)
+    assert grads.keys() == expected_grads.keys() and all(grads[name] is not None for name in grads)
+    for name, value in expected_grads.items():
+        assert torch.equal(grads[name], value), name
+
+
+def test_norm_parameters_not_requiring_grad_get_none(device):
+    module = make(norm="layernorm").to(device)
+    module.norm_bias.requires_grad_(False)
+    module.weight.requires_grad_(False)
+    out = module(torch.tensor([[1, 2, 3]], device=device))
+    assert out.grad_fn.name() == NORM_NODE
+    assert [edge is None for edge, _ in out.grad_fn.next_functions] == [True, False, False, False, True]
+    out.square().sum().backward()
+    assert module.weight.grad is None and module.norm_bias.grad is None
+    assert module.norm_weight.grad is not None and module.position_weight.grad is not None
+    for parameter in (module.position_weight, module.segment_weight, module.norm_weight):
+        parameter.requires_grad_(False)
+    assert not module(torch.tensor([[1, 2, 3]], device=device)).requires_grad
+
+
+def test_norm_double_backward_raises_through_the_entry(device):
+    module = make(norm="layernorm", sparse=False).to(device)
+    out = module(torch.tensor([[1, 2, 3]], device=device))
+    assert out.grad_fn.name() == NORM_NODE
+    grads = torch.autograd.grad(out.square().sum(), module.weight, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grads[0].sum().backward()

@@ -57,6 +57,11 @@ def test_operator_arguments_match(kind, macro):
     assert cpp == [(_cpp_type(a), a.name) for a in arguments]
 
 
+def test_dropout_seed_bound_matches():
+    match = re.search(r"kDropoutSeedBound = int64_t\{1\} << (\d+);", HEADER)
+    assert match and 2 ** int(match.group(1)) == spec.DROPOUT_SEED_BOUND
+
+
 def test_table_dtypes_and_compute_dtype_match():
     dispatch = _macro("EMBEDFAST_DISPATCH_TABLE_TYPES")
     assert "AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16," in dispatch  # float32, float64 + these two

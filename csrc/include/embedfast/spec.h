@@ -117,6 +117,9 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == 
   EMBEDFAST_NORM_FORWARD_ARGUMENTS(X)        \
   X(bool, norm_grads)
 
+// spec.DROPOUT_SEED_BOUND: dropout seeds are drawn from [0, kDropoutSeedBound)
+inline constexpr int64_t kDropoutSeedBound = int64_t{1} << 62;
+
 // What only the derivative needs (spec.GradientOptions): the eager entry (eager.cpp) is built with it.
 #define EMBEDFAST_GRADIENT_ARGUMENTS(X) \
   X(int64_t, padding_idx)               \
