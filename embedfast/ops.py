@@ -165,18 +165,17 @@ def call_norm_forward(backend: str, *arguments) -> torch.Tensor:
     ``torch.func`` raise: the norm's derivative is not affine in the tables, and only reverse mode is written."""
     norm = NormInputs(*arguments[_NUM_FORWARD:_NUM_FORWARD + _NUM_NORM])
     wanted = _reverse_mode(arguments, (norm.norm_weight, norm.norm_bias))
+    op, op_inputs = getattr(torch.ops.embedfast, f"norm_forward_{backend}"), arguments[:_NUM_FORWARD + _NUM_NORM]
     if torch.compiler.is_compiling():
         if wanted:
             return getattr(torch.ops.embedfast, f"differentiable_norm_forward_{backend}")(*arguments)[0]
-    elif torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+        return op(*op_inputs)[0]
+    if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
         raise NotImplementedError("embedfast: with a norm or dropout the operator is differentiable in reverse mode "
                                   "only, not under forward-mode AD or torch.func transforms")
-    elif wanted:
+    if wanted:
         return _NORM_FUNCTIONS[backend].apply(*arguments)
-    else:
-        return _without_autograd_kernel(getattr(torch.ops.embedfast, f"norm_forward_{backend}"),
-                                        *arguments[:_NUM_FORWARD + _NUM_NORM])[0]
-    return getattr(torch.ops.embedfast, f"norm_forward_{backend}")(*arguments[:_NUM_FORWARD + _NUM_NORM])[0]
+    return _without_autograd_kernel(op, *op_inputs)[0]
 
 
 def _without_autograd_kernel(op, *arguments):
