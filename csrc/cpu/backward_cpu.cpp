@@ -26,20 +26,6 @@ constexpr int64_t kMinTokensPerBlock = 256;  // reduction blocks of the one-pass
 constexpr int64_t kMaxBlocks = 256;
 constexpr int64_t kMaxTileSegments = 16;     // backward_by_tiles keeps kTilePositions x segments rows per thread
 
-// out[s] = sum over groups g of partial[g][s] (rows * dim slots), summed in group order.
-template <typename scalar_t, typename acc_t>
-void sum_partials(const std::vector<acc_t>& partial, int64_t groups, int64_t rows, const SideRowLayout& layout,
-                  scalar_t* out) {
-  const int64_t dim = layout.dim();
-  at::parallel_for(0, rows * dim, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {  // slot i % dim of row i / dim
-      acc_t sum = 0;
-      for (int64_t g = 0; g < groups; ++g) sum += partial[g * rows * dim + i];
-      out[i - i % dim + layout.column(i % dim)] = static_cast<scalar_t>(sum);
-    }
-  });
-}
-
 // out[r] = scale * sum of grad rows n with key(n) == r, summed in token order; rows with no token are zero. Each
 // row of `out` is written once: runs of rows no token touches are cleared with one memset.
 template <typename scalar_t, typename Key>
@@ -124,7 +110,7 @@ void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk&
     }
     if (stream) end_streaming();
   });
-  sum_partials(partial, walk.tiles(), num_segments, layout, segment_grad);
+  sum_partials(partial.data(), walk.tiles(), num_segments, layout, segment_grad);
 }
 
 // One pass: sparse values, and per-block segment sums (blocks fixed by the token count alone).
@@ -149,7 +135,7 @@ void values_and_segment_sums(const scalar_t* grad, const index_t* seg_ids, int64
     }
     if (stream) end_streaming();
   });
-  sum_partials(partial, blocks, num_segments, layout, segment_grad);
+  sum_partials(partial.data(), blocks, num_segments, layout, segment_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const BackwardArgs& args) {

@@ -97,21 +97,10 @@ std::tuple<at::Tensor, at::Tensor> norm_forward_cpu(const NormForwardArgs& args)
 }
 
 // The (D,) gradient from the walk's per-unit partial sums (side rows), added in unit order, in the storage dtype.
-at::Tensor sum_partials(const at::Tensor& partials, const SideRowLayout& layout, at::ScalarType dtype) {
-  const int64_t units = partials.size(0), dim = partials.size(1);
-  at::Tensor out = at::empty({dim}, partials.options().dtype(dtype));
+at::Tensor sum_unit_partials(const at::Tensor& partials, const SideRowLayout& layout, at::ScalarType dtype) {
+  at::Tensor out = at::empty({partials.size(1)}, partials.options().dtype(dtype));
   EMBEDFAST_DISPATCH_TABLE_TYPES(dtype, "embedfast_norm_sum_partials", [&] {
-    using acc_t = math_t<scalar_t>;
-    const acc_t* rows = partials.data_ptr<acc_t>();
-    scalar_t* result = out.data_ptr<scalar_t>();
-    at::parallel_for(0, dim, 64, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> total(end - begin, acc_t(0));
-      for (int64_t u = 0; u < units; ++u) {
-        const acc_t* row = rows + u * dim + begin;
-        for (int64_t j = 0; j < end - begin; ++j) total[j] += row[j];
-      }
-      for (int64_t j = 0; j < end - begin; ++j) result[layout.column(begin + j)] = static_cast<scalar_t>(total[j]);
-    });
+    sum_partials(partials.data_ptr<math_t<scalar_t>>(), partials.size(0), 1, layout, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -167,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(const NormBackw
     });
   }
   const auto none = [&] { return at::empty({0}, args.weight.options()); };  // one each: outputs never alias
-  return {grad_sum, weight_grad ? sum_partials(weight_partials, layout, dtype) : none(),
-          bias_grad ? sum_partials(bias_partials, layout, dtype) : none()};
+  return {grad_sum, weight_grad ? sum_unit_partials(weight_partials, layout, dtype) : none(),
+          bias_grad ? sum_unit_partials(bias_partials, layout, dtype) : none()};
 }
 
 // The dropout row loop alone, for tests of element indices no test can allocate: row n of `values` (N, D) with the

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <cstdint>
 #include <vector>
@@ -43,6 +44,20 @@ class SideRowLayout {
   std::vector<int64_t> columns_;
   bool natural_;
 };
+
+// out (rows, dim) in the storage dtype, natural order = the sums over groups g, in group order, of the side rows
+// partial[g] (rows * dim slots each): the fixed-order reduction of per-group partial sums.
+template <typename scalar_t, typename acc_t>
+void sum_partials(const acc_t* partial, int64_t groups, int64_t rows, const SideRowLayout& layout, scalar_t* out) {
+  const int64_t dim = layout.dim();
+  at::parallel_for(0, rows * dim, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {  // slot i % dim of row i / dim
+      acc_t sum = 0;
+      for (int64_t g = 0; g < groups; ++g) sum += partial[g * rows * dim + i];
+      out[i - i % dim + layout.column(i % dim)] = static_cast<scalar_t>(sum);
+    }
+  });
+}
 
 // Whether a loop should write an output of this many bytes around the caches (non-temporal stores); a thread
 // that wrote with `stream` calls end_streaming() after its last row.
