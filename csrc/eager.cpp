@@ -3,7 +3,7 @@
 // backward calls the backward operator. It computes what ops._backward computes for the other backends (the
 // sparse or dense token gradient, padding rows gathered away, the position and segment gradients), without Python
 // on the path: a call costs microseconds, not tens of them. With a norm or dropout the call is the norm forward
-// operator's and its node calls the norm backward operator first (what ops._norm_backward does). functional.embed
+// operator's and its node calls the norm backward operator (what ops._norm_backward does). functional.embed
 // sends every other derivative mode (forward mode, torch.func, torch.compile) through ops.call_forward's and
 // ops.call_norm_forward's Python Functions.
 #include "eager.h"
@@ -131,41 +131,53 @@ struct TableGradients {
     for (SavedVariable* tensor : {&input_ids, &position_ids, &token_type_ids, &cu_seqlens}) tensor->reset_data();
   }
 
+  // The token gradient a backward operator is asked for, and whether its kept rows are gathered instead: sparse with
+  // padding or of a shard, the rows kept are only known from the ids.
+  std::pair<TokenGrad, bool> token_request(bool wants_weight) const {
+    const bool gather_rows = wants_weight && sparse && (constants.padding_idx >= 0 || constants.vocab_size > 0);
+    if (!wants_weight || gather_rows) return {TokenGrad::kNone, gather_rows};
+    return {sparse ? TokenGrad::kSparse : TokenGrad::kDense, false};
+  }
+
+  // {weight, position_weight, segment_weight} gradients from a backward operator's first three results, undefined
+  // where not wanted; gather_rows: the token gradient is the kept rows of `rows` (num_tokens, D), times gather_scale.
+  variable_list finish(const torch::jit::Stack& result, const at::Tensor& ids, TokenGrad token_grad, bool gather_rows,
+                       const at::Tensor& rows, double gather_scale, bool wants_positions, bool wants_segments) const {
+    const int64_t num_embeddings = constants.num_embeddings;
+    at::Tensor weight_grad;
+    if (gather_rows) {
+      const int64_t vocab_start = constants.vocab_start;
+      const at::Tensor row_ids = vocab_start == 0 ? ids.to(at::kLong) : ids.to(at::kLong) - vocab_start;
+      at::Tensor keep = ids.ne(constants.padding_idx);
+      if (constants.vocab_size > 0) keep.logical_and_(row_ids.ge(0)).logical_and_(row_ids.lt(num_embeddings));  // in the shard
+      at::Tensor values = rows.index({keep});
+      if (gather_scale != 1.0) values.mul_(gather_scale);
+      weight_grad = sparse_gradient(row_ids.index({keep}).unsqueeze(0), values, num_embeddings);
+    } else if (token_grad == TokenGrad::kSparse) {  // indices copied: the gradient must not change when ids are reused
+      weight_grad =
+          sparse_gradient(ids.to(at::kLong, false, /*copy=*/true).unsqueeze(0), result[0].toTensor(), num_embeddings);
+    } else if (token_grad == TokenGrad::kDense) {
+      weight_grad = result[0].toTensor();
+    }
+    return {weight_grad, wants_positions && constants.num_positions > 0 ? result[1].toTensor() : at::Tensor(),
+            wants_segments && constants.num_segments > 0 ? result[2].toTensor() : at::Tensor()};
+  }
+
   // {weight, position_weight, segment_weight} gradients of grad_sum (num_tokens, D), undefined where not wanted
   variable_list operator()(const at::Tensor& grad_sum, const at::Tensor& ids, bool wants_weight, bool wants_positions,
                            bool wants_segments) const {
-    wants_positions = wants_positions && constants.num_positions > 0;
-    wants_segments = wants_segments && constants.num_segments > 0;
-    const int64_t padding_idx = constants.padding_idx, num_embeddings = constants.num_embeddings;
-    // sparse with padding or of a shard: the rows kept are only known from the ids, so they are gathered here instead
-    const bool gather_rows = wants_weight && sparse && (padding_idx >= 0 || constants.vocab_size > 0);
+    const auto [token_grad, gather_rows] = token_request(wants_weight);
     BackwardArgs args = constants;
     args.grad_out = grad_sum;
     args.input_ids = ids;
     args.position_ids = optional(position_ids);
     args.token_type_ids = optional(token_type_ids);
     args.cu_seqlens = optional(cu_seqlens);
-    args.token_grad = !wants_weight || gather_rows ? TokenGrad::kNone : sparse ? TokenGrad::kSparse : TokenGrad::kDense;
+    args.token_grad = token_grad;
     args.num_positions = wants_positions ? constants.num_positions : 0;
     args.num_segments = wants_segments ? constants.num_segments : 0;
     const torch::jit::Stack result = call(backward_operator(), args.pack(), c10::GradMode::is_enabled());
-
-    at::Tensor weight_grad;
-    if (gather_rows) {
-      const int64_t vocab_start = constants.vocab_start;
-      const at::Tensor rows = vocab_start == 0 ? ids.to(at::kLong) : ids.to(at::kLong) - vocab_start;
-      at::Tensor keep = ids.ne(padding_idx);
-      if (constants.vocab_size > 0) keep.logical_and_(rows.ge(0)).logical_and_(rows.lt(num_embeddings));  // in the shard
-      weight_grad = sparse_gradient(rows.index({keep}).unsqueeze(0), grad_sum.index({keep}).mul_(constants.scale),
-                                    num_embeddings);
-    } else if (args.token_grad == TokenGrad::kSparse) {  // indices copied: the gradient must not change when ids are reused
-      weight_grad =
-          sparse_gradient(ids.to(at::kLong, false, /*copy=*/true).unsqueeze(0), result[0].toTensor(), num_embeddings);
-    } else if (args.token_grad == TokenGrad::kDense) {
-      weight_grad = result[0].toTensor();
-    }
-    return {weight_grad, wants_positions ? result[1].toTensor() : at::Tensor(),
-            wants_segments ? result[2].toTensor() : at::Tensor()};
+    return finish(result, ids, token_grad, gather_rows, grad_sum, constants.scale, wants_positions, wants_segments);
   }
 };
 
@@ -190,12 +202,12 @@ struct FusedInputEmbeddingBackward : public torch::autograd::Node {
   }
 };
 
-// The derivative of one call with a norm or dropout: the norm's backward operator (the gradient of the sum, and
-// the norm's parameters'), then the tables' gradients of that sum. Its edges are the tables, norm_weight, norm_bias.
+// The derivative of one call with a norm or dropout: the norm's backward operator (the tables' gradients and the
+// norm's parameters', in one pass). Its edges are the tables, norm_weight, norm_bias.
 struct FusedNormEmbeddingBackward : public torch::autograd::Node {
   TableGradients tables;
   SavedVariable weight, position_weight, segment_weight, norm_weight, norm_bias, dropout_seed, stats;
-  NormBackwardArgs constants;  // the norm backward's arguments but the tensors and norm_grads
+  NormBackwardArgs constants;  // the norm backward's arguments but the tensors and the gradients asked for
 
   std::string name() const override { return "FusedNormEmbeddingBackward"; }
 
@@ -224,16 +236,19 @@ struct FusedNormEmbeddingBackward : public torch::autograd::Node {
     args.norm_bias = optional(norm_bias);
     args.dropout_seed = optional(dropout_seed);
     const bool wants_norm_weight = task_should_compute_output(3), wants_norm_bias = task_should_compute_output(4);
+    const bool wants_positions = task_should_compute_output(1), wants_segments = task_should_compute_output(2);
+    auto [token_grad, gather_rows] = tables.token_request(task_should_compute_output(0));
     args.norm_grads = wants_norm_weight || wants_norm_bias;
+    args.token_grad = gather_rows ? TokenGrad::kSparse : token_grad;  // the kept rows are gathered from the values
+    args.padding_idx = tables.constants.padding_idx;
+    args.position_grad = wants_positions;
+    args.segment_grad = wants_segments;
     // with create_graph through the operator's autograd kernel, which refuses a double backward
     const torch::jit::Stack result = call(norm_backward_operator(), args.pack(), c10::GradMode::is_enabled());
-    variable_list gradients(3);
-    if (task_should_compute_output(0) || task_should_compute_output(1) || task_should_compute_output(2)) {
-      gradients = tables(result[0].toTensor(), ids, task_should_compute_output(0), task_should_compute_output(1),
-                         task_should_compute_output(2));
-    }
-    gradients.push_back(wants_norm_weight ? result[1].toTensor() : at::Tensor());
-    gradients.push_back(wants_norm_bias ? result[2].toTensor() : at::Tensor());
+    variable_list gradients =
+        tables.finish(result, ids, token_grad, gather_rows, result[0].toTensor(), 1.0, wants_positions, wants_segments);
+    gradients.push_back(wants_norm_weight ? result[3].toTensor() : at::Tensor());
+    gradients.push_back(wants_norm_bias ? result[4].toTensor() : at::Tensor());
     return gradients;
   }
 };

@@ -244,7 +244,10 @@ def check_norm(inputs: ForwardInputs, norm: NormInputs) -> NormMode:
 
 
 def check_norm_backward(inputs: NormBackwardInputs) -> None:
-    """``grad_out`` and ``stats`` fit the tokens (the rest is checked as the norm forward's inputs)."""
+    """``token_grad`` is a ``TokenGrad``, ``grad_out`` and ``stats`` fit the tokens (the rest is checked as the norm
+    forward's inputs)."""
+    _check(inputs.token_grad in TokenGrad.__members__.values(), ValueError,
+           f"token_grad must be {_choices(TokenGrad)}, got {inputs.token_grad}")
     weight, num_tokens = inputs.weight, inputs.input_ids.numel()
     dim = weight.shape[1] if weight.dim() == 2 else -1
     _check(inputs.grad_out.shape == (num_tokens, dim) and inputs.grad_out.is_contiguous(), ValueError,

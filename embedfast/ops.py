@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .positions import chunk_tokens, token_positions
 from .reference import reference_backward, reference_forward, reference_norm_backward, reference_norm_forward
 from .spec import (BackwardInputs, ForwardInputs, GradientOptions, NormBackwardInputs, NormInputs, PositionMode, TokenGrad,
-                   compute_dtype, schema)
+                   compute_dtype, schema, table_backward_inputs)
 
 _NUM_FORWARD = len(ForwardInputs._fields)
 _NUM_BACKWARD = len(BackwardInputs._fields)
@@ -67,10 +67,10 @@ def register_fake_and_autograd(backend: str) -> None:
         f"forward_{backend}", forward_op, _setup_forward_context,
         lambda ctx, grad_out: _backward(ctx, grad_out, backward_function.apply, _SparseRows.apply),
         jvp=lambda ctx, *tangents: forward_op(*_tangent_inputs(ctx, tangents)), op_inputs=_NUM_FORWARD)
-    _register_norm(backend, backward_op)
+    _register_norm(backend)
 
 
-def _register_norm(backend: str, backward_op) -> None:
+def _register_norm(backend: str) -> None:
     """The norm operators' fakes and their reverse-mode derivative: eagerly an ``autograd.Function``, under
     ``torch.compile`` the ``differentiable_norm_forward`` operator (as for the plain forward)."""
     torch.library.register_fake(op_name("norm_forward", backend), _norm_forward_fake)
@@ -89,7 +89,7 @@ def _register_norm(backend: str, backward_op) -> None:
     torch.library.register_fake(differentiable, lambda *inputs: _norm_forward_fake(*inputs[:_NUM_FORWARD + _NUM_NORM]))
     torch.library.register_autograd(
         differentiable, lambda ctx, grad_out, _grad_stats: _norm_backward(
-            ctx, grad_out, norm_backward_op, backward_op, torch.ops.embedfast.sparse_rows),
+            ctx, grad_out, norm_backward_op, torch.ops.embedfast.sparse_rows),
         setup_context=_setup_norm_context)
 
     def forward(ctx, *inputs):
@@ -98,7 +98,7 @@ def _register_norm(backend: str, backward_op) -> None:
         return out
 
     def backward(ctx, grad_out):
-        return _norm_backward(ctx, grad_out, norm_backward_op, backward_op, _SparseRows.apply)
+        return _norm_backward(ctx, grad_out, norm_backward_op, _SparseRows.apply)
 
     _NORM_FUNCTIONS[backend] = type(f"norm_forward_{backend}_function", (torch.autograd.Function,),
                                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
@@ -231,12 +231,12 @@ def _norm_forward_fake(*inputs):
 
 def _norm_backward_fake(*inputs):
     backward = NormBackwardInputs(*inputs)
-    like = backward.grad_out
+    table_grads = _backward_fake(*table_backward_inputs(backward, backward.grad_out))
 
     def vector(parameter):
-        return like.new_empty(parameter.shape[0] if backward.norm_grads and parameter is not None else 0)
+        return backward.grad_out.new_empty(parameter.shape[0] if backward.norm_grads and parameter is not None else 0)
 
-    return like.new_empty(like.shape), vector(backward.norm_weight), vector(backward.norm_bias)
+    return (*table_grads, vector(backward.norm_weight), vector(backward.norm_bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -272,23 +272,30 @@ def _setup_norm_context(ctx, inputs, output):
     ctx.norm_inputs = norm._replace(**dict.fromkeys(_NORM_TENSORS))
 
 
-def _norm_backward(ctx, grad_out, norm_backward_op, backward_op, sparse_rows):
-    """The norm's backward (the sum's gradient, the norm's parameters'), then the sum's (``_backward``)."""
+def _norm_backward(ctx, grad_out, norm_backward_op, sparse_rows):
+    """The norm backward operator: the tables' gradients and the norm's parameters', in one pass over ``grad_out``."""
     saved = ctx.saved_tensors
     tables, norm_tensors, stats = saved[4:7], saved[7:10], saved[10]
     forward = _with_index_tensors(ctx.forward_inputs, saved)._replace(**dict(zip(_TABLE_NAMES, tables)))
     norm = ctx.norm_inputs._replace(**dict(zip(_NORM_TENSORS, norm_tensors)))
-    wants = NormInputs(*ctx.needs_input_grad[_NUM_FORWARD:_NUM_FORWARD + _NUM_NORM])
-    norm_backward_inputs = (grad_out.contiguous(), stats, *forward, *norm, wants.norm_weight or wants.norm_bias)
+    wants = ForwardInputs(*ctx.needs_input_grad[:_NUM_FORWARD])
+    wants_norm = NormInputs(*ctx.needs_input_grad[_NUM_FORWARD:_NUM_FORWARD + _NUM_NORM])
+    token_grad, gather_rows = _token_request(ctx, wants.weight)
+    if gather_rows:  # the kept rows are gathered from the sparse values
+        token_grad = TokenGrad.SPARSE
+    inputs = (grad_out.contiguous(), stats, *forward, *norm, wants_norm.norm_weight or wants_norm.norm_bias,
+              int(token_grad), ctx.backward_inputs.padding_idx, wants.position_weight, wants.segment_weight)
     if torch.is_grad_enabled():  # create_graph: through the op's autograd kernel, which refuses a double backward
-        grad_sum, weight_grad, bias_grad = norm_backward_op(*norm_backward_inputs)
+        weight_grad, position_grad, segment_grad, norm_weight_grad, norm_bias_grad = norm_backward_op(*inputs)
     else:
-        grad_sum, weight_grad, bias_grad = _without_autograd_kernel(norm_backward_op, *norm_backward_inputs)
-    table_grads = (None,) * _NUM_FORWARD
-    if any(ctx.needs_input_grad[:_NUM_FORWARD]):
-        table_grads = _backward(ctx, grad_sum, backward_op, sparse_rows)[:_NUM_FORWARD]
-    norm_grads = NormInputs(*(None,) * _NUM_NORM)._replace(norm_weight=weight_grad if wants.norm_weight else None,
-                                                           norm_bias=bias_grad if wants.norm_bias else None)
+        weight_grad, position_grad, segment_grad, norm_weight_grad, norm_bias_grad = _without_autograd_kernel(
+            norm_backward_op, *inputs)
+    table_grads = _table_grads(ctx, wants, token_grad, gather_rows, weight_grad, position_grad, segment_grad,
+                               lambda: sparse_rows(forward.input_ids, weight_grad, ctx.backward_inputs.padding_idx, 1.0,
+                                                   forward.vocab_start, forward.weight.shape[0]))
+    norm_grads = NormInputs(*(None,) * _NUM_NORM)._replace(
+        norm_weight=norm_weight_grad if wants_norm.norm_weight else None,
+        norm_bias=norm_bias_grad if wants_norm.norm_bias else None)
     return (*table_grads, *norm_grads, *(None,) * len(GradientOptions._fields))
 
 
@@ -310,28 +317,45 @@ def _with_index_tensors(inputs, saved):
     return inputs._replace(**dict(zip(_INDEX_NAMES, saved)))
 
 
-def _backward(ctx, grad_out, backward_op, sparse_rows):
-    input_ids = ctx.saved_tensors[0]
-    wants = ForwardInputs(*ctx.needs_input_grad[:_NUM_FORWARD])
-    inputs = _with_index_tensors(ctx.backward_inputs, ctx.saved_tensors)
-    # sparse with padding or of a shard: the rows kept are only known from the ids, so sparse_rows gathers them instead
-    gather_rows = wants.weight and ctx.sparse and (inputs.padding_idx >= 0 or inputs.vocab_size > 0)
-    token_grad = TokenGrad.NONE if not wants.weight or gather_rows else (TokenGrad.SPARSE if ctx.sparse else TokenGrad.DENSE)
-    weight_grad, position_grad, segment_grad = backward_op(*inputs._replace(
-        grad_out=grad_out.contiguous(), token_grad=int(token_grad),
-        num_positions=inputs.num_positions if wants.position_weight else 0,
-        num_segments=inputs.num_segments if wants.segment_weight else 0))
+def _token_request(ctx, wants_weight: bool) -> tuple[TokenGrad, bool]:
+    """The token gradient to ask a backward operator for, and whether its kept rows are gathered instead: sparse
+    with padding or of a shard, the rows kept are only known from the ids."""
+    inputs = ctx.backward_inputs
+    gather_rows = wants_weight and ctx.sparse and (inputs.padding_idx >= 0 or inputs.vocab_size > 0)
+    if not wants_weight or gather_rows:
+        return TokenGrad.NONE, gather_rows
+    return (TokenGrad.SPARSE if ctx.sparse else TokenGrad.DENSE), False
+
+
+def _table_grads(ctx, wants: ForwardInputs, token_grad: TokenGrad, gather_rows: bool, weight_grad, position_grad,
+                 segment_grad, gathered_rows) -> ForwardInputs:
+    """The tables' gradients from a backward operator's results: the token gradient as a sparse COO tensor (its
+    kept rows from ``gathered_rows()`` when ``gather_rows``), dense, or None."""
+    input_ids, num_embeddings = ctx.saved_tensors[0], ctx.backward_inputs.num_embeddings
     if gather_rows:
-        indices, values = sparse_rows(input_ids, grad_out.contiguous(), inputs.padding_idx, inputs.scale,
-                                      inputs.vocab_start, inputs.num_embeddings)
-        weight_grad = _sparse_coo(indices, values, inputs.num_embeddings)
+        indices, values = gathered_rows()
+        weight_grad = _sparse_coo(indices, values, num_embeddings)
     elif token_grad == TokenGrad.SPARSE:  # indices copied: the gradient must not change when the caller reuses its ids
-        weight_grad = _sparse_coo(input_ids.to(torch.int64, copy=True).unsqueeze(0), weight_grad, inputs.num_embeddings)
+        weight_grad = _sparse_coo(input_ids.to(torch.int64, copy=True).unsqueeze(0), weight_grad, num_embeddings)
     elif token_grad == TokenGrad.NONE:
         weight_grad = None
-    grads = ForwardInputs(*(None,) * _NUM_FORWARD)._replace(
+    return ForwardInputs(*(None,) * _NUM_FORWARD)._replace(
         weight=weight_grad, position_weight=position_grad if wants.position_weight else None,
         segment_weight=segment_grad if wants.segment_weight else None)
+
+
+def _backward(ctx, grad_out, backward_op, sparse_rows):
+    wants = ForwardInputs(*ctx.needs_input_grad[:_NUM_FORWARD])
+    inputs = _with_index_tensors(ctx.backward_inputs, ctx.saved_tensors)
+    token_grad, gather_rows = _token_request(ctx, wants.weight)
+    grad_out = grad_out.contiguous()
+    weight_grad, position_grad, segment_grad = backward_op(*inputs._replace(
+        grad_out=grad_out, token_grad=int(token_grad),
+        num_positions=inputs.num_positions if wants.position_weight else 0,
+        num_segments=inputs.num_segments if wants.segment_weight else 0))
+    grads = _table_grads(ctx, wants, token_grad, gather_rows, weight_grad, position_grad, segment_grad,
+                         lambda: sparse_rows(inputs.input_ids, grad_out, inputs.padding_idx, inputs.scale,
+                                             inputs.vocab_start, inputs.num_embeddings))
     return (*grads, *(None,) * len(GradientOptions._fields))
 
 

@@ -18,7 +18,7 @@ from .dropout import keep_mask
 from .op_checks import check_backward, check_forward, check_norm, check_norm_backward
 from .positions import chunk_tokens, sinusoid_values, token_positions
 from .spec import (BackwardInputs, ForwardInputs, NormBackwardInputs, NormInputs, NormMode, PositionMode, TokenGrad,
-                   compute_dtype, dropout_threshold)
+                   compute_dtype, dropout_threshold, table_backward_inputs)
 
 _NUM_FORWARD = len(ForwardInputs._fields)
 
@@ -140,26 +140,30 @@ def reference_norm_forward(*inputs) -> tuple[torch.Tensor, torch.Tensor]:
     return (_dropout(y, norm) if norm.dropout_p > 0 else y).to(args.weight.dtype), stats
 
 
-def reference_norm_backward(*inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference implementation of ``embedfast::norm_backward_*``: the sum's gradient and the norm's."""
+def reference_norm_backward(*inputs) -> tuple[torch.Tensor, ...]:
+    """Reference implementation of ``embedfast::norm_backward_*``: the tables' gradients (``reference_backward`` of
+    the sum's gradient, rounded to the tables' dtype as a kernel's grad_sum row is) and the norm's."""
     args = NormBackwardInputs(*inputs)
-    forward, norm = ForwardInputs(*inputs[2:2 + _NUM_FORWARD]), NormInputs(*inputs[2 + _NUM_FORWARD:-1])
+    forward = ForwardInputs(*inputs[2:2 + _NUM_FORWARD])
+    norm = NormInputs(*inputs[2 + _NUM_FORWARD:2 + _NUM_FORWARD + len(NormInputs._fields)])
     position_mode = check_forward(forward)
     mode, dtype = check_norm(forward, norm), forward.weight.dtype
     check_norm_backward(args)
     dy = args.grad_out.to(compute_dtype(dtype))
     if norm.dropout_p > 0:
         dy = _dropout(dy, norm)
+    wanted = [args.norm_grads and mode != NormMode.NONE and t is not None for t in (norm.norm_weight, norm.norm_bias)]
     if mode == NormMode.NONE:
-        return dy.to(dtype), dy.new_empty(0).to(dtype), dy.new_empty(0).to(dtype)
-    x_hat = _normalized(_reference_sum(forward, position_mode), args.stats)
-    g = dy * _vector(norm.norm_weight, dy, 1.0)
-    centred = g - g.mean(-1, keepdim=True) if mode == NormMode.LAYERNORM else g
-    grad_sum = args.stats[:, 1:] * (centred - x_hat * (g * x_hat).mean(-1, keepdim=True))
-    wanted = [args.norm_grads and t is not None for t in (norm.norm_weight, norm.norm_bias)]
+        grad_sum = dy
+    else:
+        x_hat = _normalized(_reference_sum(forward, position_mode), args.stats)
+        g = dy * _vector(norm.norm_weight, dy, 1.0)
+        centred = g - g.mean(-1, keepdim=True) if mode == NormMode.LAYERNORM else g
+        grad_sum = args.stats[:, 1:] * (centred - x_hat * (g * x_hat).mean(-1, keepdim=True))
     weight_grad = (dy * x_hat).sum(0) if wanted[0] else dy.new_empty(0)
     bias_grad = dy.sum(0) if wanted[1] else dy.new_empty(0)
-    return grad_sum.to(dtype), weight_grad.to(dtype), bias_grad.to(dtype)
+    table_grads = reference_backward(*table_backward_inputs(args, grad_sum.to(dtype)))
+    return (*table_grads, weight_grad.to(dtype), bias_grad.to(dtype))
 
 
 def _norm_stats(x: torch.Tensor, mode: NormMode, eps: float) -> torch.Tensor:

@@ -37,10 +37,13 @@ norm_forward (the forward's inputs, then ``NormInputs``) returns (out, stats): `
   optional (None: ones / zeros; RMSNORM takes no bias). Dropout, when ``dropout_p > 0``: element
   ``e = n * D + d`` is kept when ``dropout_bits(seed, e) >= dropout_threshold(dropout_p)`` and then scaled by
   ``1 / (1 - dropout_p)``; ``dropout_seed`` is a 1-element int64 tensor on the tables' device (``dropout.py``).
-norm_backward (grad_out, stats, the norm forward's inputs, norm_grads) returns (grad_sum, norm_weight_grad,
-  norm_bias_grad): ``grad_sum`` (N, D) in the tables' dtype, the gradient of the sum ``x`` (recomputed from the
-  tables, with the mask regenerated from the seed), to be fed to ``backward``; with ``norm_grads`` the (D,)
-  gradients of the norm_weight and norm_bias that were given, else (0,).
+norm_backward (grad_out, stats, the norm forward's inputs, then norm_grads, token_grad, padding_idx,
+  position_grad, segment_grad) returns (token_grad, position_grad, segment_grad, norm_weight_grad,
+  norm_bias_grad): the tables' gradients as ``backward`` returns them for ``grad_sum``, the gradient of the sum
+  ``x`` (recomputed from the tables, with the mask regenerated from the seed) rounded to the tables' dtype, and
+  the norm's. ``position_grad`` / ``segment_grad``: whether the learned position / segment table (if given) gets
+  its (rows, D) gradient, else (0, D); with ``norm_grads`` the (D,) gradients of the norm_weight and norm_bias that
+  were given, else (0,). One pass over ``grad_out``: ``grad_sum`` exists per token row only, where a kernel can.
 """
 
 from __future__ import annotations
@@ -169,7 +172,9 @@ _NORM = (
     Argument("dropout_seed", "Tensor?", None),
 )
 _NORM_BACKWARD = ((Argument("grad_out", "Tensor"), Argument("stats", "Tensor")) + _FORWARD + _NORM
-                  + (Argument("norm_grads", "bool", False),))
+                  + (Argument("norm_grads", "bool", False), Argument("token_grad", "int", TokenGrad.NONE),
+                     Argument("padding_idx", "int", -1), Argument("position_grad", "bool", False),
+                     Argument("segment_grad", "bool", False)))
 # what only the derivative needs: the autograd.Function takes it after the forward's inputs
 _GRADIENT = (Argument("padding_idx", "int", -1), Argument("sparse", "bool", False))
 
@@ -177,7 +182,7 @@ _GRADIENT = (Argument("padding_idx", "int", -1), Argument("sparse", "bool", Fals
 OPERATORS = {"forward": (_FORWARD, "Tensor"), "backward": (_BACKWARD, "(Tensor, Tensor, Tensor)"),
              "differentiable_forward": (_FORWARD + _GRADIENT, "Tensor"),
              "norm_forward": (_FORWARD + _NORM, "(Tensor, Tensor)"),
-             "norm_backward": (_NORM_BACKWARD, "(Tensor, Tensor, Tensor)"),
+             "norm_backward": (_NORM_BACKWARD, "(Tensor, Tensor, Tensor, Tensor, Tensor)"),
              "differentiable_norm_forward": (_FORWARD + _NORM + _GRADIENT, "(Tensor, Tensor)")}
 
 
@@ -192,6 +197,18 @@ BackwardInputs = _inputs_type("BackwardInputs", _BACKWARD)
 GradientOptions = _inputs_type("GradientOptions", _GRADIENT)
 NormInputs = _inputs_type("NormInputs", _NORM)
 NormBackwardInputs = _inputs_type("NormBackwardInputs", _NORM_BACKWARD)
+
+
+def table_backward_inputs(args: NormBackwardInputs, grad_sum: torch.Tensor) -> BackwardInputs:
+    """The plain backward's inputs for ``grad_sum``, the gradient of a norm backward's sum: the table gradients
+    that norm backward asks for (``spec.h`` mirrors it: ``backward_part``)."""
+    def rows(table, wanted):
+        return table.shape[0] if wanted and table is not None else 0
+
+    shared = {name: getattr(args, name) for name in BackwardInputs._fields if name in NormBackwardInputs._fields}
+    return BackwardInputs(**shared, num_embeddings=args.weight.shape[0],
+                          num_positions=rows(args.position_weight, args.position_grad),
+                          num_segments=rows(args.segment_weight, args.segment_grad))._replace(grad_out=grad_sum)
 
 
 DROPOUT_SEED_BOUND = 2**62

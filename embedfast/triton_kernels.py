@@ -390,7 +390,11 @@ def _chunk_keys(keys: torch.Tensor, args: BackwardInputs) -> torch.Tensor:
 
 @_operator("backward", schema("backward"))
 def backward_triton(*inputs):
-    args = BackwardInputs(*inputs)
+    return table_grads(BackwardInputs(*inputs))
+
+
+def table_grads(args: BackwardInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward operator's results (token, position, segment gradients) for its inputs, checked here."""
     token_grad = check_backward(args)
     grad_out, input_ids = args.grad_out, args.input_ids
     num_tokens, dim = grad_out.shape

@@ -6,7 +6,8 @@ them in registers with ``triton_kernels._sum_tile`` (the same code as ``_forward
             ``y = (x - mean) * rstd * norm_weight + norm_bias``, the dropout, one store;
   backward  ``x_hat`` from the forward's stats, ``dy`` = grad_out under the same mask and scale, the gradient of
             the sum; with ``norm_grads``, per-program partial sums of ``dy * x_hat`` and ``dy`` over its fixed
-            block of tokens, which the host sums over programs in a fixed order (no atomics: reproducible bits).
+            block of tokens, which the host sums over programs in a fixed order (no atomics: reproducible bits);
+            then the tables' gradients, ``triton_kernels.table_grads`` of the sum's gradient.
 The dropout mask is ``dropout.py``'s: two MurmurHash3 fmix32 rounds in uint32 over the element index and the seed,
 which the kernel reads from its 1-element device tensor (no host synchronization: CUDA-graph safe).
 Registered from ``triton_kernels`` (imported at its end); the same interpreter rules hold (see there).
@@ -20,8 +21,8 @@ import triton.language as tl
 
 from .op_checks import check_forward, check_norm, check_norm_backward
 from .spec import (ForwardInputs, NormBackwardInputs, NormInputs, NormMode, PositionMode, compute_dtype, dropout_threshold,
-                   schema)
-from .triton_kernels import _float_arg, _launchable, _operator, _storage_value, _sum_tile, sum_arguments
+                   schema, table_backward_inputs)
+from .triton_kernels import _float_arg, _launchable, _operator, _storage_value, _sum_tile, sum_arguments, table_grads
 
 _NUM_FORWARD = len(ForwardInputs._fields)
 _LAYERNORM = tl.constexpr(NormMode.LAYERNORM.value)
@@ -191,7 +192,8 @@ def norm_forward_triton(*inputs):
 @_operator("norm_backward", schema("norm_backward"))
 def norm_backward_triton(*inputs):
     args = NormBackwardInputs(*inputs)
-    forward, norm = ForwardInputs(*inputs[2:2 + _NUM_FORWARD]), NormInputs(*inputs[2 + _NUM_FORWARD:-1])
+    forward = ForwardInputs(*inputs[2:2 + _NUM_FORWARD])
+    norm = NormInputs(*inputs[2 + _NUM_FORWARD:2 + _NUM_FORWARD + len(NormInputs._fields)])
     mode = check_norm(forward, norm)
     check_norm_backward(args)
     position_mode = check_forward(forward)
@@ -211,4 +213,5 @@ def norm_backward_triton(*inputs):
     # summed over programs in a fixed order (torch's reductions are deterministic)
     weight_grad, bias_grad = (partials[:, i].sum(dim=0).to(weight.dtype) if wanted[i] else weight.new_empty(0)
                               for i in range(2))
-    return grad_sum, weight_grad, bias_grad
+    # the tables' gradients from grad_sum: a second pass, over grad_sum (the CPU kernel fuses it, spec.py)
+    return (*table_grads(table_backward_inputs(args, grad_sum)), weight_grad, bias_grad)

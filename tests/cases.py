@@ -10,6 +10,14 @@ import torch.nn.functional as F
 import embedfast
 from embedfast.reference import unfused_input_embedding
 from embedfast.spec import TOLERANCE  # relative; the absolute tolerance is this times the largest |truth|
+from embedfast.spec import TokenGrad
+
+# the norm backward's last arguments (norm_grads, token_grad, padding_idx, position_grad, segment_grad): every
+# gradient, the token table's sparse
+ALL_NORM_GRADS = (True, int(TokenGrad.SPARSE), -1, True, True)
+# each way a norm backward can be asked for the tables' gradients: sparse, dense with a padding row, none
+NORM_GRAD_REQUESTS = {"sparse": ALL_NORM_GRADS, "dense-padding": (True, int(TokenGrad.DENSE), 3, True, True),
+                      "none": (True, int(TokenGrad.NONE), -1, False, False)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import embedfast
-from cases import Case, assert_case_matches_truth, assert_close, dense_grad, truth
+from cases import NORM_GRAD_REQUESTS, Case, assert_case_matches_truth, assert_close, dense_grad, truth
 from embedfast.spec import TABLE_DTYPES, ForwardInputs, GradientOptions, NormInputs, NormMode, PositionMode
 
 CASES = {
@@ -219,8 +219,9 @@ def test_opcheck_of_the_norm_operators(backend, device):
         out, stats = getattr(torch.ops.embedfast, f"norm_forward_{backend}")(*forward, *norm)
         grad_out = torch.randn_like(out)
         for norm_grads in (False, True):
-            torch.library.opcheck(getattr(torch.ops.embedfast, f"norm_backward_{backend}"),
-                                  (grad_out, stats, *forward, *norm, norm_grads))
+            for _, *table_grads in NORM_GRAD_REQUESTS.values():
+                torch.library.opcheck(getattr(torch.ops.embedfast, f"norm_backward_{backend}"),
+                                      (grad_out, stats, *forward, *norm, norm_grads, *table_grads))
     differentiable = getattr(torch.ops.embedfast, f"differentiable_norm_forward_{backend}")
     for forward, norm in _norm_samples(device, requires_grad=True):
         torch.library.opcheck(differentiable, (*forward, *norm, *GradientOptions(2, False)))

@@ -11,8 +11,10 @@ import torch
 from embedfast.backends import unavailable_reason
 from embedfast.dropout import draw_seed, dropout_bits, keep_mask
 from embedfast.reference import reference_norm_backward, reference_norm_forward
-from embedfast.spec import (TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, compute_dtype,
+from embedfast.spec import (TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, TokenGrad, compute_dtype,
                             dropout_threshold)
+
+from cases import ALL_NORM_GRADS, NORM_GRAD_REQUESTS
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(unavailable_reason("extension", CPU) is not None,
@@ -88,17 +90,20 @@ def _check(forward, norm, norm_grads=True):
         _assert_same_mask(out, ref_out, norm)
         _assert_same_zeros(out, ref_out)
     grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(out.device)
-    inputs = (grad_out, ref_stats, *forward, *norm, norm_grads)
-    grads = torch.ops.embedfast.norm_backward_extension(*inputs)
-    ref_grads = reference_norm_backward(*inputs)
-    _assert_close(grads[0], ref_grads[0], dtype)
-    if norm.dropout_p > 0 and norm.norm_mode == NormMode.NONE:  # grad_sum is the masked grad_out
-        _assert_same_mask(grads[0], ref_grads[0], norm)
     tokens = max(forward.input_ids.numel(), 1)
-    for grad, ref in zip(grads[1:], ref_grads[1:]):  # sums over the tokens
-        _assert_close(grad, ref, dtype, scale=float(ref.double().abs().max()) if ref.numel() else 0.0,
-                      factor=4.0 * tokens ** 0.5)
-    return out, grads
+    results = {}
+    for request, (_, token_grad, padding_idx, position_grad, segment_grad) in NORM_GRAD_REQUESTS.items():
+        inputs = (grad_out, ref_stats, *forward, *norm, norm_grads, token_grad, padding_idx, position_grad, segment_grad)
+        grads = results[request] = torch.ops.embedfast.norm_backward_extension(*inputs)
+        ref_grads = reference_norm_backward(*inputs)
+        if token_grad == TokenGrad.SPARSE:  # per token: grad_sum * scale
+            _assert_close(grads[0], ref_grads[0], dtype)
+            if norm.dropout_p > 0 and norm.norm_mode == NormMode.NONE:  # grad_sum is the masked grad_out
+                _assert_same_mask(grads[0], ref_grads[0], norm)
+        for grad, ref in zip(grads[token_grad == TokenGrad.SPARSE:], ref_grads[token_grad == TokenGrad.SPARSE:]):
+            _assert_close(grad, ref, dtype, scale=float(ref.double().abs().max()) if ref.numel() else 0.0,
+                          factor=4.0 * tokens ** 0.5)  # sums over the tokens
+    return out, results["sparse"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -144,8 +149,8 @@ def test_no_tokens(mode):
     out, grads = _check(forward, _norm_inputs(forward, mode, True, 0.3))
     assert out.shape == (0, 16)
     if mode == NormMode.LAYERNORM:
-        assert [g.shape for g in grads] == [(0, 16), (16,), (16,)]
-        assert not grads[1].any() and not grads[2].any()
+        assert [g.shape for g in grads] == [(0, 16), (40, 16), (2, 16), (16,), (16,)]
+        assert not any(g.any() for g in grads[1:])
 
 
 def test_dropout_rate_and_scale():
@@ -158,10 +163,15 @@ def test_dropout_rate_and_scale():
     torch.testing.assert_close(out[kept], x[kept] * torch.tensor(1 / 0.7, dtype=torch.float32), rtol=0, atol=0)
 
 
+THREAD_CASES = {"interleaved": dict(batch=8, seq_len=100, position="interleaved"), "learned": dict(batch=20, seq_len=40),
+                "learned-explicit": dict(batch=20, seq_len=40, explicit_positions=True)}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", [NormMode.LAYERNORM, NormMode.RMSNORM], ids=lambda m: m.name.lower())
-def test_norm_gradients_do_not_depend_on_the_thread_count(dtype, mode):
-    forward = _forward_inputs(dtype, 96, batch=8, seq_len=100, position="interleaved")
+@pytest.mark.parametrize("case", THREAD_CASES.values(), ids=THREAD_CASES.keys())
+def test_gradients_do_not_depend_on_the_thread_count(dtype, mode, case):
+    forward = _forward_inputs(dtype, 96, **case)
     norm = _norm_inputs(forward, mode, True, 0.1)
     _, stats = torch.ops.embedfast.norm_forward_extension(*forward, *norm)
     grad_out = torch.randn(forward.input_ids.numel(), 96).to(dtype)
@@ -170,12 +180,14 @@ def test_norm_gradients_do_not_depend_on_the_thread_count(dtype, mode):
     try:
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(torch.ops.embedfast.norm_backward_extension(grad_out, stats, *forward, *norm, True))
+            results.append([torch.ops.embedfast.norm_backward_extension(grad_out, stats, *forward, *norm, *requested)
+                            for requested in NORM_GRAD_REQUESTS.values()])
     finally:
         torch.set_num_threads(threads)
     for result in results[1:]:
-        for a, b in zip(result, results[0]):
-            assert torch.equal(a, b)
+        for grads, first in zip(result, results[0]):
+            for a, b in zip(grads, first):
+                assert torch.equal(a, b)
 
 
 def _good():
@@ -218,8 +230,8 @@ def test_bad_input_gets_the_reference_answer(corrupt):
     assert expected[0] in (TypeError, ValueError, IndexError)
     assert _outcome(torch.ops.embedfast.norm_forward_extension, *forward, *norm) == expected
     grad_out, stats = torch.randn(6, 4), torch.zeros(6, 2)
-    expected = _outcome(reference_norm_backward, grad_out, stats, *forward, *norm, True)
-    assert _outcome(torch.ops.embedfast.norm_backward_extension, grad_out, stats, *forward, *norm, True) == expected
+    expected = _outcome(reference_norm_backward, grad_out, stats, *forward, *norm, *ALL_NORM_GRADS)
+    assert _outcome(torch.ops.embedfast.norm_backward_extension, grad_out, stats, *forward, *norm, *ALL_NORM_GRADS) == expected
 
 
 BAD_BACKWARD = {
@@ -237,7 +249,7 @@ BAD_BACKWARD = {
 def test_bad_backward_input_gets_the_reference_answer(corrupt):
     forward, norm = _good()
     grad_out, stats = corrupt(torch.randn(6, 4), torch.zeros(6, 2))
-    inputs = (grad_out, stats, *forward, *norm, True)
+    inputs = (grad_out, stats, *forward, *norm, *ALL_NORM_GRADS)
     expected = _outcome(reference_norm_backward, *inputs)
     assert expected[0] in (TypeError, ValueError, IndexError)
     assert _outcome(torch.ops.embedfast.norm_backward_extension, *inputs) == expected
@@ -299,6 +311,7 @@ def test_nan_and_inf_propagate_as_in_the_reference(dtype, mode, p):
     assert_close(out, ref_out)
     assert_close(stats, ref_stats)
     grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
-    inputs = (grad_out, ref_stats, *forward, *norm, True)
-    for grad, ref in zip(torch.ops.embedfast.norm_backward_extension(*inputs), reference_norm_backward(*inputs)):
-        assert_close(grad, ref)
+    for requested in NORM_GRAD_REQUESTS.values():
+        inputs = (grad_out, ref_stats, *forward, *norm, *requested)
+        for grad, ref in zip(torch.ops.embedfast.norm_backward_extension(*inputs), reference_norm_backward(*inputs)):
+            assert_close(grad, ref)

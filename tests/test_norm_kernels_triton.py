@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from cases import ALL_NORM_GRADS, NORM_GRAD_REQUESTS
 from embedfast.dropout import dropout_bits
 from embedfast.reference import reference_norm_backward, reference_norm_forward
 from embedfast.spec import TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, dropout_threshold
@@ -87,12 +88,14 @@ def _check(forward, norm, dtype, generator, norm_grads=True):
     if norm.dropout_p > 0:
         assert torch.equal(out == 0, expected_out == 0), "the dropout mask differs from the reference's"
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, dtype)
-    backward_args = (grad_out, expected_stats, *forward, *norm, norm_grads)
-    got = torch.ops.embedfast.norm_backward_triton(*backward_args)
-    for name, actual, expected in zip(("grad_sum", "norm_weight_grad", "norm_bias_grad"), got,
-                                      reference_norm_backward(*backward_args)):
-        _assert_close(actual, expected, dtype, name)
-    return out, got
+    results = {}
+    for request, (_, *table_grads) in NORM_GRAD_REQUESTS.items():
+        backward_args = (grad_out, expected_stats, *forward, *norm, norm_grads, *table_grads)
+        got = results[request] = torch.ops.embedfast.norm_backward_triton(*backward_args)
+        names = ("token_grad", "position_grad", "segment_grad", "norm_weight_grad", "norm_bias_grad")
+        for name, actual, expected in zip(names, got, reference_norm_backward(*backward_args)):
+            _assert_close(actual, expected, dtype, f"{request} {name}")
+    return out, results["sparse"]
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
@@ -125,7 +128,7 @@ def test_norm_weight_and_bias_each_optional(mode, affine, norm_grads, device):
     generator = torch.Generator().manual_seed(len(affine) + int(mode) + norm_grads)
     forward = _forward_inputs("learned", 11, 9, torch.float32, torch.int64, device, generator)
     norm = _norm_inputs(mode, affine, 0.3, 9, torch.float32, device, generator)
-    _, (_, weight_grad, bias_grad) = _check(forward, norm, torch.float32, generator, norm_grads)
+    *_, weight_grad, bias_grad = _check(forward, norm, torch.float32, generator, norm_grads)[1]
     assert weight_grad.shape == ((9,) if norm_grads and norm.norm_weight is not None else (0,))
     assert bias_grad.shape == ((9,) if norm_grads and norm.norm_bias is not None else (0,))
 
@@ -135,8 +138,8 @@ def test_no_tokens(dtype, device):
     generator = torch.Generator().manual_seed(0)
     forward = _forward_inputs("learned", 0, 7, dtype, torch.int64, device, generator)
     norm = _norm_inputs(NormMode.LAYERNORM, "both", 0.3, 7, dtype, device, generator)
-    out, (grad_sum, weight_grad, bias_grad) = _check(forward, norm, dtype, generator)
-    assert out.shape == grad_sum.shape == (0, 7)
+    out, (values, *_, weight_grad, bias_grad) = _check(forward, norm, dtype, generator)
+    assert out.shape == values.shape == (0, 7)
     assert torch.equal(weight_grad, torch.zeros(7, dtype=dtype, device=device))
     assert torch.equal(bias_grad, torch.zeros(7, dtype=dtype, device=device))
 
@@ -153,7 +156,8 @@ def test_weight_and_bias_grads_over_many_programs_are_right_and_reproducible(mon
     _, first = _check(forward, norm, torch.float32, generator)
     grad_out = torch.randn(num_tokens, dim, generator=generator).to(device)
     stats = torch.ops.embedfast.norm_forward_triton(*forward, *norm)[1]
-    once, again = (torch.ops.embedfast.norm_backward_triton(grad_out, stats, *forward, *norm, True) for _ in range(2))
+    once, again = (torch.ops.embedfast.norm_backward_triton(grad_out, stats, *forward, *norm, *ALL_NORM_GRADS)
+                   for _ in range(2))
     for a, b in zip(once, again):
         assert torch.equal(a, b)
 
@@ -197,7 +201,8 @@ def test_bad_inputs_raise_what_the_reference_raises(bad):
         stats = stats.double()
     elif bad == "grad-shape":
         grad_out = torch.zeros(6, 5)
-    calls = [(torch.ops.embedfast.norm_backward_triton, reference_norm_backward, (grad_out, stats, *forward, *norm, True))]
+    calls = [(torch.ops.embedfast.norm_backward_triton, reference_norm_backward,
+              (grad_out, stats, *forward, *norm, *ALL_NORM_GRADS))]
     if bad not in ("stats-dtype", "grad-shape"):
         calls.append((torch.ops.embedfast.norm_forward_triton, reference_norm_forward, (*forward, *norm)))
     for op, reference, args in calls:

@@ -4,6 +4,7 @@
 import pytest
 import torch
 
+from cases import ALL_NORM_GRADS
 from embedfast.backends import unavailable_reason
 from embedfast.spec import BackwardInputs, ForwardInputs, NormInputs, NormMode, PositionMode, TokenGrad
 
@@ -83,7 +84,7 @@ def _norm(device):
 
 def _norm_backward(device):
     forward, norm = _forward(device), _norm(device)
-    return (torch.randn(6, 4, device=device), torch.randn(6, 2, device=device), *forward, *norm, True)
+    return (torch.randn(6, 4, device=device), torch.randn(6, 2, device=device), *forward, *norm, *ALL_NORM_GRADS)
 
 
 BAD_NORM = {
@@ -147,7 +148,7 @@ def test_bad_norm_input_gets_one_answer_from_every_backend(corrupt, device):
     forward, norm = _forward(device), corrupt(_norm(device), device)
     _assert_same(_outcomes("norm_forward", (*forward, *norm), device))
     grad_out, stats = torch.randn(6, 4, device=device), torch.randn(6, 2, device=device)
-    _assert_same(_outcomes("norm_backward", (grad_out, stats, *forward, *norm, True), device))
+    _assert_same(_outcomes("norm_backward", (grad_out, stats, *forward, *norm, *ALL_NORM_GRADS), device))
 
 
 @pytest.mark.parametrize("corrupt", BAD_NORM_BACKWARD.values(), ids=BAD_NORM_BACKWARD.keys())

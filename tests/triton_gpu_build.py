@@ -143,7 +143,7 @@ def traced_graphs():
         return {
             "norm-forward": traced_launches(torch.ops.embedfast.norm_forward_triton, *bert, *layernorm),
             "norm-backward": traced_launches(torch.ops.embedfast.norm_backward_triton, grad, stats, *bert, *layernorm,
-                                             True),
+                                             True, int(TokenGrad.SPARSE), -1, True, True),
             "forward-sinusoid": traced_launches(torch.ops.embedfast.forward_triton, *ForwardInputs(
                 ids, weight, token_type_ids=ids, segment_weight=segments, scale=2.0, position_mode=PositionMode.INTERLEAVED,
                 seq_len=8)),

@@ -17,54 +17,11 @@
 #include "embedfast/kernel_math.h"
 #include "embedfast/spec.h"
 #include "row_loops.h"
+#include "table_sums.h"
 #include "token_walk.h"
 
 namespace embedfast {
 namespace {
-
-constexpr int64_t kMinTokensPerBlock = 256;  // reduction blocks of the one-pass path
-constexpr int64_t kMaxBlocks = 256;
-constexpr int64_t kMaxTileSegments = 16;     // backward_by_tiles keeps kTilePositions x segments rows per thread
-
-// out[r] = scale * sum of grad rows n with key(n) == r, summed in token order; rows with no token are zero. Each
-// row of `out` is written once: runs of rows no token touches are cleared with one memset.
-template <typename scalar_t, typename Key>
-void sum_rows_by_key(const scalar_t* grad, int64_t tokens, const SideRowLayout& layout, int64_t rows, Key key,
-                     double scale, scalar_t* out) {
-  const int64_t dim = layout.dim();
-  using acc_t = math_t<scalar_t>;
-  std::vector<int64_t> start(rows + 1, 0);
-  for (int64_t n = 0; n < tokens; ++n) {
-    const int64_t r = key(n);
-    if (r >= 0) ++start[r + 1];
-  }
-  for (int64_t r = 0; r < rows; ++r) start[r + 1] += start[r];
-  std::vector<int64_t> sorted_tokens(start[rows]);
-  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-  for (int64_t n = 0; n < tokens; ++n) {
-    const int64_t r = key(n);
-    if (r >= 0) sorted_tokens[cursor[r]++] = n;
-  }
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(dim);
-    for (int64_t r = begin; r < end;) {
-      if (start[r] == start[r + 1]) {
-        int64_t untouched_end = r + 1;
-        while (untouched_end < end && start[untouched_end] == start[untouched_end + 1]) ++untouched_end;
-        std::memset(static_cast<void*>(out + r * dim), 0, (untouched_end - r) * dim * sizeof(scalar_t));
-        r = untouched_end;
-        continue;
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t i = start[r]; i < start[r + 1]; ++i) {
-        scale_or_accumulate_rows(static_cast<scalar_t*>(nullptr), acc.data(), grad + sorted_tokens[i] * dim, acc_t(1), dim,
-                                 false);
-      }
-      store_side_rows(out + r * dim, acc.data(), static_cast<acc_t>(scale), dim);
-      ++r;
-    }
-  });
-}
 
 // Default positions with a position table: one pass over grad_out in the forward's tile order, one tile per
 // task, writes the sparse values and sums each tile's rows by (offset, segment) in a thread's buffer, whence
@@ -80,33 +37,22 @@ void backward_by_tiles(const scalar_t* grad, const index_t* seg_ids, const Walk&
   std::memset(static_cast<void*>(position_grad), 0, num_positions * dim * sizeof(scalar_t));
   std::vector<acc_t> partial(walk.tiles() * num_segments * dim, acc_t(0));
   at::parallel_for(0, walk.tiles(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(kTilePositions * slots * dim);
-    std::vector<acc_t> position_sum(dim);
+    TileSums<acc_t> sums(slots, dim);
     for (int64_t tile = begin; tile < end; ++tile) {
-      std::fill(sums.begin(), sums.end(), acc_t(0));
+      sums.clear();
       for (int64_t unit = tile * walk.sequences; unit < (tile + 1) * walk.sequences; ++unit) {
         const int64_t n0 = walk.first_token(unit);
         for (int64_t k = 0; k < walk.length(unit); ++k) {
           const int64_t n = n0 + k, segment = seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0;
-          acc_t* sum = chunk.contains(n) ? sums.data() + (k * slots + segment) * dim : nullptr;
+          acc_t* sum = chunk.contains(n) ? sums.row(k, segment) : nullptr;
           if (values == nullptr && sum == nullptr) continue;
           scale_or_accumulate_rows(values != nullptr ? values + n * dim : nullptr, sum, grad + n * dim,
                                    static_cast<acc_t>(scale), dim, stream);
         }
       }
       const int64_t first = tile * kTilePositions;
-      for (int64_t k = 0; k < std::min(kTilePositions, walk.period - first); ++k) {
-        std::fill(position_sum.begin(), position_sum.end(), acc_t(0));
-        for (int64_t segment = 0; segment < slots; ++segment) {
-          const acc_t* sum = sums.data() + (k * slots + segment) * dim;
-          for (int64_t j = 0; j < dim; ++j) position_sum[j] += sum[j];
-        }
-        store_side_rows(position_grad + (offset + first + k) * dim, position_sum.data(), acc_t(1), dim);
-        for (int64_t segment = 0; segment < num_segments; ++segment) {
-          acc_t* tile_partial = partial.data() + (tile * num_segments + segment) * dim;
-          for (int64_t j = 0; j < dim; ++j) tile_partial[j] += sums[(k * slots + segment) * dim + j];
-        }
-      }
+      sums.flush(std::min(kTilePositions, walk.period - first), position_grad + (offset + first) * dim,
+                 partial.data() + tile * num_segments * dim, num_segments);
     }
     if (stream) end_streaming();
   });

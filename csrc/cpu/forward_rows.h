@@ -83,14 +83,22 @@ inline Walk walk_of(const ForwardArgs& args) {
   return Walk::over(args.input_ids.numel(), std::max<int64_t>(args.seq_len, 1), default_positions);
 }
 
-// Visits every token of a forward's arguments (checked) once, in parallel over the units of walk_of(args):
-// row(unit, n, token_row, position_row, segment_row), with token_row a storage-dtype row of weight (a zero row for
-// an id of another shard; the caller scales it), position_row the learned table's row (scalar_t) or a math-dtype
-// side row in `layout` (sinusoids, zeros), segment_row a storage-dtype row (zeros without a segment table or out of
-// the chunk). A unit's tokens are visited in order by one thread; after its last row a thread calls done().
-// `grain`: units per parallel task.
-template <typename scalar_t, typename index_t, typename Row, typename Done>
-void walk_rows(const ForwardArgs& args, const SideRowLayout& layout, int64_t grain, const Row& row, const Done& done) {
+// How walk_tasks splits the walk: at least `grain` units per parallel task, each task a whole number of `align`
+// units (the last one perhaps fewer); `prefetch_tokens`: whether the rows read the token rows (else no prefetch).
+struct WalkSplit {
+  int64_t grain;
+  int64_t align = 1;
+  bool prefetch_tokens = true;
+};
+
+// Visits every token of a forward's arguments (checked) once, in parallel over the units of walk_of(args): each
+// parallel task makes its own `auto task = make_task()`, calls task(unit, n, token_row, position_row, segment_row)
+// for its units' tokens, in order, then task.finish(). token_row: a storage-dtype row of weight (a zero row for an
+// id of another shard; the caller scales it); position_row: the learned table's row (scalar_t) or a math-dtype side
+// row in `layout` (sinusoids, zeros); segment_row: a storage-dtype row (zeros without a segment table or out of the
+// chunk).
+template <typename scalar_t, typename index_t, typename MakeTask>
+void walk_tasks(const ForwardArgs& args, const SideRowLayout& layout, const WalkSplit& split, const MakeTask& make_task) {
   using acc_t = math_t<scalar_t>;
   const int64_t dim = args.weight.size(1);
   const at::ScalarType math_dtype = compute_dtype(args.weight.scalar_type());
@@ -124,7 +132,11 @@ void walk_rows(const ForwardArgs& args, const SideRowLayout& layout, int64_t gra
     } else {
       zero_position_row = zero_row.data();
     }
-    at::parallel_for(0, walk.units(), grain, [&](int64_t begin, int64_t end) {
+    const int64_t align = std::max<int64_t>(split.align, 1);
+    at::parallel_for(0, (walk.units() + align - 1) / align, std::max<int64_t>(split.grain / align, 1),
+                     [&](int64_t first_part, int64_t end_part) {
+      const int64_t begin = first_part * align, end = std::min(end_part * align, walk.units());
+      auto task = make_task();
       std::optional<SinusoidRotation> rotation;
       std::vector<acc_t> tile_rows;  // sinusoid rows of the current tile's offsets
       int64_t tile_first = -1, rotation_at = -1;
@@ -152,7 +164,7 @@ void walk_rows(const ForwardArgs& args, const SideRowLayout& layout, int64_t gra
         const int64_t next_length = unit + 1 < end ? walk.length(unit + 1) : 0;
         for (int64_t i = 0; i < length; ++i) {
           const int64_t n = n0 + i, ahead = i + kPrefetchRows;
-          if (ahead < length || ahead - length < next_length) {
+          if (split.prefetch_tokens && (ahead < length || ahead - length < next_length)) {
             const int64_t m = ahead < length ? n0 + ahead : next_n0 + ahead - length;
             const int64_t token_row = shard.row(static_cast<int64_t>(ids[m]));
             if (token_row >= 0) prefetch_row(table + token_row * dim, row_bytes);
@@ -165,10 +177,10 @@ void walk_rows(const ForwardArgs& args, const SideRowLayout& layout, int64_t gra
             position_row = position_row_of(n, position, sinusoids.rotate ? tile_rows.data() + i * dim : nullptr);
             segment_row = segment_table + (seg_ids != nullptr ? static_cast<int64_t>(seg_ids[n]) : 0) * dim;
           }
-          row(unit, n, token_row >= 0 ? table + token_row * dim : zero_row.data(), position_row, segment_row);
+          task(unit, n, token_row >= 0 ? table + token_row * dim : zero_row.data(), position_row, segment_row);
         }
       }
-      done();
+      task.finish();
     });
   };
   if (args.position_mode == PositionMode::kLearned) {
@@ -182,6 +194,25 @@ void walk_rows(const ForwardArgs& args, const SideRowLayout& layout, int64_t gra
   } else {
     walk_tokens([&](int64_t, int64_t, const acc_t*) { return zero_side_row.data(); });
   }
+}
+
+// A task of walk_tasks without state of its own: row(unit, n, token_row, position_row, segment_row), then done().
+template <typename Row, typename Done>
+struct RowTask {
+  const Row& row;
+  const Done& done;
+
+  template <typename... Rows>
+  void operator()(Rows... rows) const {
+    row(rows...);
+  }
+  void finish() const { done(); }
+};
+
+// walk_tasks with every task calling `row` for its tokens, then `done()`; `grain`: units per parallel task.
+template <typename scalar_t, typename index_t, typename Row, typename Done>
+void walk_rows(const ForwardArgs& args, const SideRowLayout& layout, int64_t grain, const Row& row, const Done& done) {
+  walk_tasks<scalar_t, index_t>(args, layout, WalkSplit{grain}, [&] { return RowTask<Row, Done>{row, done}; });
 }
 
 }  // namespace forward_rows

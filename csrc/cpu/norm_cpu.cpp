@@ -4,9 +4,13 @@
 // built in the math dtype in a small per-thread buffer (it stays in L1), its (mean, rstd) taken from the buffer (two
 // passes for the LAYERNORM variance), and the normalized, weighted, dropped-out row stored once in the storage
 // dtype: one read of each table row, one write of each output row.
-// norm_backward: the same walk recomputes each token's sum row (NONE needs none: grad_sum is the masked grad_out);
-// the norm_weight / norm_bias gradients are summed per unit of the walk (at most kTilePositions tokens, the same
-// units for any number of threads), and the units' partial sums then added in unit order: bitwise reproducible.
+// norm_backward: one pass over grad_out, on the same walk. Per token it recomputes the sum row (NONE needs none: the
+// sum's gradient is grad_out, masked), makes the sum's gradient row in the storage dtype, and at once writes it as
+// the sparse values (times scale) and adds it to the tile's (offset, segment) sums, whence the position rows and the
+// segment sums (table_sums.h, as the plain backward does). The norm_weight / norm_bias and segment sums are per block
+// of the walk (whole tiles, the same blocks for any number of threads), the blocks' partial sums then added in block
+// order: bitwise reproducible. Dense token gradients, and position gradients of explicit or packed positions, are
+// summed by key afterwards from an (N, D) grad_sum that the pass writes for them.
 //
 // The per-row work is the norm row loops of row_loops.h, on the instruction-set path of the machine.
 #include <ATen/ATen.h>
@@ -23,6 +27,7 @@
 #include "embedfast/spec.h"
 #include "forward_rows.h"
 #include "row_loops.h"
+#include "table_sums.h"
 
 namespace embedfast {
 
@@ -96,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> norm_forward_cpu(const NormForwardArgs& args)
   return {out, stats};
 }
 
-// The (D,) gradient from the walk's per-unit partial sums (side rows), added in unit order, in the storage dtype.
+// The (D,) gradient from the walk's per-block partial sums (side rows), added in block order, in the storage dtype.
 at::Tensor sum_unit_partials(const at::Tensor& partials, const SideRowLayout& layout, at::ScalarType dtype) {
   at::Tensor out = at::empty({partials.size(1)}, partials.options().dtype(dtype));
   EMBEDFAST_DISPATCH_TABLE_TYPES(dtype, "embedfast_norm_sum_partials", [&] {
@@ -105,58 +110,177 @@ at::Tensor sum_unit_partials(const at::Tensor& partials, const SideRowLayout& la
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(const NormBackwardArgs& args) {
+// What every task of a norm backward reads and writes: the call's rows, where each gradient goes, and how the walk's
+// units group into blocks (units_per_block, a whole number of tiles) for the partial sums.
+template <typename scalar_t, typename index_t>
+struct NormBackwardPass {
+  using acc_t = math_t<scalar_t>;
+  const NormRow<acc_t>& row;
+  const Walk& walk;
+  int64_t units_per_block;
+  const scalar_t* grad;
+  const acc_t* stats;
+  acc_t scale;
+  const index_t* seg_ids;  // null: segment 0 (no segment gradient)
+  Chunk chunk;
+  scalar_t* values;        // the sparse values (N, D), or null
+  scalar_t* grad_sum;      // (N, D) rows of the sum's gradient for the sums by key, or null
+  bool stream;
+  acc_t* weight_partials;  // (blocks, D) side rows, or null
+  acc_t* bias_partials;
+  acc_t* segment_partials;  // (blocks, num_segments, D) side rows, or null
+  int64_t num_segments;
+  scalar_t* position_rows;  // tile sums: the rows of positions offset + [0, period), or null
+};
+
+// One parallel task of a norm backward: per token, the sum's gradient row (in a row of its own, or of grad_sum),
+// then that row into the sparse values, the tile's (offset, segment) sums or the block's segment sums.
+template <typename scalar_t, typename index_t>
+class NormBackwardTask {
+ public:
+  using acc_t = math_t<scalar_t>;
+
+  explicit NormBackwardTask(const NormBackwardPass<scalar_t, index_t>& pass)
+      : pass_(pass), dim_(pass.row.dim), row_(dim_), math_rows_(2 * dim_),
+        tile_sums_(std::max<int64_t>(pass.num_segments, 1), pass.position_rows != nullptr ? dim_ : 0) {}
+
+  template <typename position_t>
+  void operator()(int64_t unit, int64_t n, const scalar_t* token, const position_t* position, const scalar_t* segment) {
+    const NormBackwardPass<scalar_t, index_t>& pass = pass_;
+    const int64_t dim = dim_, block = unit / pass.units_per_block, tile = unit / pass.walk.sequences;
+    if (pass.position_rows != nullptr && tile != tile_) {
+      flush();
+      tile_ = tile;
+      tile_sums_.clear();
+    }
+    const scalar_t* grad = pass.grad + n * dim;
+    scalar_t* gradient = pass.grad_sum != nullptr ? pass.grad_sum + n * dim : row_.data();
+    const uint64_t first_element = static_cast<uint64_t>(n * dim);
+    if (pass.row.epilogue.mode != NormMode::kNone) {
+      norm_backward_rows(gradient, pass.weight_partials ? pass.weight_partials + block * dim : nullptr,
+                         pass.bias_partials ? pass.bias_partials + block * dim : nullptr, math_rows_.data(),
+                         math_rows_.data() + dim, grad, pass.stats + 2 * n, token, position, segment, pass.scale,
+                         pass.row, first_element);
+    } else if (pass.row.epilogue.dropout) {
+      norm_masked_rows(gradient, math_rows_.data(), grad, pass.row, first_element);
+    } else {
+      gradient = const_cast<scalar_t*>(grad);  // read only: the sum's gradient is grad_out
+    }
+    acc_t* sum = nullptr;
+    if (pass.chunk.contains(n)) {
+      const int64_t seg = pass.seg_ids != nullptr ? static_cast<int64_t>(pass.seg_ids[n]) : 0;
+      if (pass.position_rows != nullptr) {
+        sum = tile_sums_.row(n - pass.walk.first_token(unit), seg);
+      } else if (pass.segment_partials != nullptr) {
+        sum = pass.segment_partials + (block * pass.num_segments + seg) * dim;
+      }
+    }
+    if (pass.values != nullptr || sum != nullptr) {
+      scale_or_accumulate_rows(pass.values != nullptr ? pass.values + n * dim : nullptr, sum, gradient, pass.scale, dim,
+                               pass.stream);
+    }
+  }
+
+  void finish() {
+    flush();
+    if (pass_.stream) end_streaming();
+  }
+
+ private:
+  void flush() {
+    if (tile_ < 0) return;
+    const int64_t first = tile_ * kTilePositions, block = tile_ * pass_.walk.sequences / pass_.units_per_block;
+    tile_sums_.flush(std::min(kTilePositions, pass_.walk.period - first), pass_.position_rows + first * dim_,
+                     pass_.segment_partials ? pass_.segment_partials + block * pass_.num_segments * dim_ : nullptr,
+                     pass_.segment_partials ? pass_.num_segments : 0);
+    tile_ = -1;
+  }
+
+  const NormBackwardPass<scalar_t, index_t>& pass_;
+  int64_t dim_;
+  std::vector<scalar_t> row_;
+  std::vector<acc_t> math_rows_;  // x and dy
+  TileSums<acc_t> tile_sums_;
+  int64_t tile_ = -1;
+};
+
+// One pass over grad_out (norm_cpu.cpp's header): the walk recomputes each token's sum and makes its gradient row,
+// which goes at once into the sparse values and the position / segment sums; the norm weight / bias sums are per
+// block of the walk. Dense token gradients and position gradients of explicit or packed positions are then summed by
+// key from an (N, D) grad_sum (grad_out itself without a norm or dropout).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_backward_cpu(const NormBackwardArgs& args) {
   const ForwardArgs forward = check_norm_backward_args(args, /*exact=*/true);
   const int64_t tokens = args.input_ids.numel(), dim = args.weight.size(1);
   const at::ScalarType dtype = args.weight.scalar_type(), math_dtype = compute_dtype(dtype);
-  at::Tensor grad_sum = at::empty({tokens, dim}, args.weight.options());
+  const auto options = args.weight.options(), math_options = options.dtype(math_dtype);
   const bool norm = args.norm_mode != NormMode::kNone;
+  const bool sparse = args.token_grad == TokenGrad::kSparse, dense = args.token_grad == TokenGrad::kDense;
   const bool weight_grad = norm && args.norm_grads && args.norm_weight.has_value();
   const bool bias_grad = norm && args.norm_grads && args.norm_bias.has_value();
-  const int64_t units = tokens > 0 ? forward_rows::walk_of(forward).units() : 0;
-  const auto partial_options = args.weight.options().dtype(math_dtype);
-  at::Tensor weight_partials = weight_grad ? at::zeros({units, dim}, partial_options) : at::Tensor();
-  at::Tensor bias_partials = bias_grad ? at::zeros({units, dim}, partial_options) : at::Tensor();
+  const BackwardArgs tables = backward_part(args, at::Tensor());
+  const int64_t num_positions = tables.num_positions, num_segments = tables.num_segments;
+  const bool default_positions = !args.position_ids.has_value() && !args.cu_seqlens.has_value();
+  const bool tile_sums = num_positions > 0 && default_positions && num_segments <= kMaxTileSegments;
+  const bool sums_by_key = dense || (num_positions > 0 && !tile_sums);
+  const bool masked = norm || args.dropout_p > 0;  // else the sum's gradient is grad_out
+
+  const Walk walk = tokens > 0 ? forward_rows::walk_of(forward) : Walk{0, 0, 1};
+  const int64_t tokens_per_tile = kTilePositions * std::max<int64_t>(walk.sequences, 1);
+  const int64_t tiles_per_block = std::max((kMinTokensPerBlock + tokens_per_tile - 1) / tokens_per_tile,
+                                           (walk.tiles() + kMaxBlocks - 1) / kMaxBlocks);
+  const int64_t blocks = (walk.tiles() + tiles_per_block - 1) / tiles_per_block;
+  at::Tensor token_out = at::empty({sparse ? tokens : (dense ? args.weight.size(0) : 0), dim}, options);
+  at::Tensor position_out = tile_sums ? at::zeros({num_positions, dim}, options) : at::empty({num_positions, dim}, options);
+  at::Tensor segment_out = at::empty({num_segments, dim}, options);
+  at::Tensor grad_sum = sums_by_key && masked ? at::empty({tokens, dim}, options) : at::Tensor();
+  at::Tensor weight_partials = at::zeros({weight_grad ? blocks : 0, dim}, math_options);
+  at::Tensor bias_partials = at::zeros({bias_grad ? blocks : 0, dim}, math_options);
+  at::Tensor segment_partials = at::zeros({num_segments > 0 ? blocks : 0, num_segments, dim}, math_options);
   const SideRowLayout layout(dtype, dim);
-  if (tokens > 0) {
-    AT_DISPATCH_INDEX_TYPES(args.input_ids.scalar_type(), "embedfast_norm_backward_cpu", [&] {
-      EMBEDFAST_DISPATCH_TABLE_TYPES(dtype, "embedfast_norm_backward_cpu", [&] {
-        using acc_t = math_t<scalar_t>;
-        const NormCall<acc_t, NormBackwardArgs> call(args, layout);
-        const scalar_t* grad = args.grad_out.data_ptr<scalar_t>();
-        scalar_t* output = grad_sum.data_ptr<scalar_t>();
-        if (!norm) {  // grad_sum is grad_out, masked: the sum is not needed
-          if (!call.row.epilogue.dropout) {
-            grad_sum.copy_(args.grad_out);
-            return;
-          }
-          at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(dim, 1)), [&](int64_t begin, int64_t end) {
-            for (int64_t n = begin; n < end; ++n) {
-              norm_masked_rows(output + n * dim, scratch<acc_t>(dim), grad + n * dim, call.row,
-                               static_cast<uint64_t>(n * dim));
-            }
-          });
-          return;
-        }
-        const acc_t* stats = args.stats.data_ptr<acc_t>();
-        acc_t* weight_rows = weight_grad ? weight_partials.data_ptr<acc_t>() : nullptr;
-        acc_t* bias_rows = bias_grad ? bias_partials.data_ptr<acc_t>() : nullptr;
-        const acc_t scale = static_cast<acc_t>(args.scale);
-        forward_rows::walk_rows<scalar_t, index_t>(
-            forward, layout, walk_grain(dim),
-            [&](int64_t unit, int64_t n, const scalar_t* token_row, const auto* position_row, const scalar_t* segment_row) {
-              acc_t* rows = scratch<acc_t>(2 * dim);
-              norm_backward_rows(output + n * dim, weight_rows ? weight_rows + unit * dim : nullptr,
-                                 bias_rows ? bias_rows + unit * dim : nullptr, rows, rows + dim, grad + n * dim,
-                                 stats + 2 * n, token_row, position_row, segment_row, scale, call.row,
-                                 static_cast<uint64_t>(n * dim));
-            },
-            [] {});
-      });
+  AT_DISPATCH_INDEX_TYPES(args.input_ids.scalar_type(), "embedfast_norm_backward_cpu", [&] {
+    EMBEDFAST_DISPATCH_TABLE_TYPES(dtype, "embedfast_norm_backward_cpu", [&] {
+      using acc_t = math_t<scalar_t>;
+      const NormCall<acc_t, NormBackwardArgs> call(args, layout);
+      const scalar_t* grad = args.grad_out.data_ptr<scalar_t>();
+      if (tokens > 0) {
+        const NormBackwardPass<scalar_t, index_t> pass{
+            call.row, walk, tiles_per_block * walk.sequences, grad,
+            norm ? args.stats.data_ptr<acc_t>() : nullptr, static_cast<acc_t>(args.scale),
+            num_segments > 0 ? data_or_null<index_t>(args.token_type_ids) : nullptr, chunk_of(args),
+            sparse ? token_out.data_ptr<scalar_t>() : nullptr,
+            grad_sum.defined() ? grad_sum.data_ptr<scalar_t>() : nullptr, sparse && stream_output(token_out.nbytes()),
+            weight_grad ? weight_partials.data_ptr<acc_t>() : nullptr,
+            bias_grad ? bias_partials.data_ptr<acc_t>() : nullptr,
+            num_segments > 0 ? segment_partials.data_ptr<acc_t>() : nullptr, num_segments,
+            tile_sums ? position_out.data_ptr<scalar_t>() + args.position_offset * dim : nullptr};
+        forward_rows::walk_tasks<scalar_t, index_t>(
+            forward, layout, forward_rows::WalkSplit{walk_grain(dim), tiles_per_block * walk.sequences, norm},
+            [&] { return NormBackwardTask<scalar_t, index_t>(pass); });
+      }
+      sum_partials(segment_partials.data_ptr<acc_t>(), blocks, num_segments, layout, segment_out.data_ptr<scalar_t>());
+      const scalar_t* keyed = grad_sum.defined() ? grad_sum.data_ptr<scalar_t>() : grad;
+      if (dense) {
+        const index_t* ids = args.input_ids.data_ptr<index_t>();
+        const Shard shard = shard_of(args, args.weight.size(0));
+        const int64_t padding_idx = args.padding_idx;
+        sum_rows_by_key(keyed, tokens, layout, args.weight.size(0),
+                        [&](int64_t n) {
+                          const int64_t id = static_cast<int64_t>(ids[n]);
+                          return id == padding_idx ? int64_t(-1) : shard.row(id);
+                        },
+                        args.scale, token_out.data_ptr<scalar_t>());
+      }
+      if (num_positions > 0 && !tile_sums) {
+        const PositionSource<index_t> source = position_source<index_t>(args);
+        const Chunk chunk = chunk_of(args);
+        sum_rows_by_key(keyed, tokens, layout, num_positions,
+                        [&](int64_t n) { return chunk.contains(n) ? source(n) : int64_t(-1); }, 1.0,
+                        position_out.data_ptr<scalar_t>());
+      }
     });
-  }
-  const auto none = [&] { return at::empty({0}, args.weight.options()); };  // one each: outputs never alias
-  return {grad_sum, weight_grad ? sum_unit_partials(weight_partials, layout, dtype) : none(),
+  });
+  const auto none = [&] { return at::empty({0}, options); };  // one each: outputs never alias
+  return {token_out, position_out, segment_out, weight_grad ? sum_unit_partials(weight_partials, layout, dtype) : none(),
           bias_grad ? sum_unit_partials(bias_partials, layout, dtype) : none()};
 }
 

@@ -1,6 +1,6 @@
 // What the CUDA kernels of the plain operators (fused_embedding_cuda.cu) and of the norm operators (norm_cuda.cu)
-// share: the sine of a reduced angle, a token's sequence column, the sum of per-block partial sums, the checks' mode
-// and the device guard.
+// share: the sine of a reduced angle, a token's sequence column, the sum of per-block partial sums, the checks' mode,
+// the device guard and the plain backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -57,6 +57,8 @@ inline std::optional<c10::Device> cuda_device_of(const at::Tensor& table) {
   return table.is_cuda() ? std::optional<c10::Device>(table.device()) : std::nullopt;
 }
 
+// The backward operator's CUDA kernels (fused_embedding_cuda.cu); the norm backward runs them on its grad_sum.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs& args);
 
 // out[i] = sum over blocks of partials[block][i], in block order.
 template <typename scalar_t>

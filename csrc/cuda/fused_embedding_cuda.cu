@@ -311,6 +311,8 @@ at::Tensor sum_packed_positions(const at::Tensor& grad, const at::Tensor& cu_seq
   return out;
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs& args) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(args.grad_out));
   check_backward_args(args, exact_checks(args.check_bounds));
@@ -378,8 +380,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const BackwardArgs&
   }
   return {weight_grad, position_grad, segment_grad};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(embedfast, CUDA, m) {
   m.impl("forward_extension", torch::CppFunction::makeFromBoxedFunction<&boxed<ForwardArgs, &forward_cuda>>());

@@ -7,7 +7,8 @@
 // (float64 for float64 tables). The dropout mask is regenerated from the seed, which the kernels read from device
 // memory: no host synchronization, CUDA-graph safe. The norm_weight / norm_bias gradients: per block of
 // kNormTokensPerBlock tokens, each thread sums its column over the block's tokens in order; a second kernel adds the
-// blocks' sums in block order. No float atomics: every result is bitwise reproducible.
+// blocks' sums in block order. The tables' gradients are then the plain backward's (backward_cuda) of the sum's
+// gradient, grad_sum. No float atomics: every result is bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -274,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> norm_forward_cuda(const NormForwardArgs& args
   return {out, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(const NormBackwardArgs& args) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(const NormBackwardArgs& args) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(args.weight));
   const ForwardArgs forward = check_norm_backward_args(args, exact_checks(args.check_bounds));
   const int64_t tokens = args.input_ids.numel(), dim = args.weight.size(1);
@@ -290,7 +291,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(const NormBack
   const auto partial_options = args.weight.options().dtype(math_dtype);
   at::Tensor weight_partials = weight_grad ? at::empty({blocks, dim}, partial_options) : at::Tensor();
   at::Tensor bias_partials = bias_grad ? at::empty({blocks, dim}, partial_options) : at::Tensor();
-  if (dim == 0) return {grad_sum, weight_out, bias_out};
+  // the tables' gradients from grad_sum: a second pass, over grad_sum (the CPU kernel fuses it, spec.py)
+  const auto with_table_grads = [&] {
+    auto [token_grad, position_grad, segment_grad] = backward_cuda(backward_part(args, grad_sum));
+    return std::tuple{token_grad, position_grad, segment_grad, weight_out, bias_out};
+  };
+  if (dim == 0) return with_table_grads();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(args.input_ids.scalar_type(), "embedfast_norm_backward_cuda", [&] {
     EMBEDFAST_DISPATCH_TABLE_TYPES(dtype, "embedfast_norm_backward_cuda", [&] {
@@ -324,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_cuda(const NormBack
       }
     });
   });
-  return {grad_sum, weight_out, bias_out};
+  return with_table_grads();
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
 
 namespace embedfast {
@@ -110,12 +111,16 @@ inline at::ScalarType compute_dtype(at::ScalarType storage) { return storage == 
   EMBEDFAST_FORWARD_ARGUMENTS(X)            \
   EMBEDFAST_NORM_ARGUMENTS(X)
 
-// spec._NORM_BACKWARD: grad_out and stats, the norm forward's arguments, norm_grads
+// spec._NORM_BACKWARD: grad_out and stats, the norm forward's arguments, which gradients
 #define EMBEDFAST_NORM_BACKWARD_ARGUMENTS(X) \
   X(at::Tensor, grad_out)                    \
   X(at::Tensor, stats)                       \
   EMBEDFAST_NORM_FORWARD_ARGUMENTS(X)        \
-  X(bool, norm_grads)
+  X(bool, norm_grads)                        \
+  X(TokenGrad, token_grad)                   \
+  X(int64_t, padding_idx)                    \
+  X(bool, position_grad)                     \
+  X(bool, segment_grad)
 
 // spec.DROPOUT_SEED_BOUND: dropout seeds are drawn from [0, kDropoutSeedBound)
 inline constexpr int64_t kDropoutSeedBound = int64_t{1} << 62;
@@ -222,12 +227,9 @@ inline c10::IValue to_ivalue(NormMode value) { return static_cast<int64_t>(value
 
 inline void push(torch::jit::Stack& stack, at::Tensor result) { torch::jit::push(stack, std::move(result)); }
 
-inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor> result) {
-  torch::jit::push(stack, std::move(std::get<0>(result)), std::move(std::get<1>(result)));
-}
-
-inline void push(torch::jit::Stack& stack, std::tuple<at::Tensor, at::Tensor, at::Tensor> result) {
-  torch::jit::push(stack, std::move(std::get<0>(result)), std::move(std::get<1>(result)), std::move(std::get<2>(result)));
+template <typename... Tensors>
+void push(torch::jit::Stack& stack, std::tuple<Tensors...> result) {
+  std::apply([&](auto&... tensors) { torch::jit::push(stack, std::move(tensors)...); }, result);
 }
 
 }  // namespace detail
@@ -274,6 +276,23 @@ ForwardArgs forward_part(const Args& args) {
   EMBEDFAST_FORWARD_ARGUMENTS(EMBEDFAST_COPY)
 #undef EMBEDFAST_COPY
   return forward;
+}
+
+// The plain backward's arguments for grad_sum, the gradient of a norm backward's sum: the table gradients that
+// norm backward asks for.
+inline BackwardArgs backward_part(const NormBackwardArgs& args, at::Tensor grad_sum) {
+  BackwardArgs backward;
+  backward.grad_out = std::move(grad_sum);
+  backward.num_embeddings = args.weight.size(0);
+  backward.num_positions = args.position_grad && args.position_weight.has_value() ? args.position_weight->size(0) : 0;
+  backward.num_segments = args.segment_grad && args.segment_weight.has_value() ? args.segment_weight->size(0) : 0;
+#define EMBEDFAST_COPY(name) backward.name = args.name;
+  EMBEDFAST_COPY(input_ids) EMBEDFAST_COPY(position_ids) EMBEDFAST_COPY(token_type_ids) EMBEDFAST_COPY(cu_seqlens)
+  EMBEDFAST_COPY(token_grad) EMBEDFAST_COPY(padding_idx) EMBEDFAST_COPY(scale) EMBEDFAST_COPY(position_offset)
+  EMBEDFAST_COPY(seq_len) EMBEDFAST_COPY(check_bounds) EMBEDFAST_COPY(vocab_start) EMBEDFAST_COPY(vocab_size)
+  EMBEDFAST_COPY(chunk_start) EMBEDFAST_COPY(chunk_end)
+#undef EMBEDFAST_COPY
+  return backward;
 }
 
 // A kernel `Result kernel(const Args&)` as the boxed kernel the dispatcher calls: the arguments come off the
