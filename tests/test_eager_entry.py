@@ -271,6 +271,7 @@ NORM_CASES = {
     "layernorm-dropout-train": ({"norm": "layernorm", "dropout": 0.3}, True, {}),
     "layernorm-eval": ({"norm": "layernorm", "dropout": 0.3}, False, {}),
     "rmsnorm-dense-padding": ({"norm": "rmsnorm", "sparse": False, "padding_idx": 1}, True, {}),
+    "layernorm-sparse-padding": ({"norm": "layernorm", "dropout": 0.2, "padding_idx": 1}, True, {}),
     "dropout-only-train": ({"dropout": 0.5}, True, {}),
     "sinusoid-past-length": ({"norm": "layernorm", "dropout": 0.1, "position": "sinusoidal", "max_positions": None}, True,
                              {"past_length": 3}),
