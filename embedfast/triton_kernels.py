@@ -393,24 +393,31 @@ def backward_triton(*inputs):
     return table_grads(BackwardInputs(*inputs))
 
 
-def table_grads(args: BackwardInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward operator's results (token, position, segment gradients) for its inputs, checked here."""
+def table_grads(args: BackwardInputs, rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+                position_grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward operator's results (token, position, segment gradients) for its inputs, checked here. ``rows``:
+    what one pass over ``grad_out`` makes (``_grad_rows``: the sparse values, the segment sums when they fit in
+    registers), and ``position_grad``, when a caller's kernel made them already (the norm backward's)."""
     token_grad = check_backward(args)
     grad_out, input_ids = args.grad_out, args.input_ids
     num_tokens, dim = grad_out.shape
     chunk = _chunk_args(args)
     in_registers = args.num_segments <= MAX_REGISTER_SEGMENTS
-    values, segment_grad = _grad_rows(grad_out, args.token_type_ids, token_grad == TokenGrad.SPARSE, args.scale,
-                                      args.num_segments if in_registers else 0, chunk)
+    if rows is None:
+        rows = _grad_rows(grad_out, args.token_type_ids, token_grad == TokenGrad.SPARSE, args.scale,
+                          args.num_segments if in_registers else 0, chunk)
+    values, segment_grad = rows
     if not in_registers:
         segments = args.token_type_ids if args.token_type_ids is not None else torch.zeros_like(input_ids)
         segment_grad = _sorted_sum(grad_out, _chunk_keys(segments, args), args.num_segments, 1.0, -1)
     if token_grad == TokenGrad.DENSE:
         # a shard's rows: ids of other shards fall outside [0, num_embeddings) and are skipped
-        rows = input_ids.long() - args.vocab_start if args.vocab_start else input_ids
-        token_grad_out = _sorted_sum(grad_out, rows, args.num_embeddings, args.scale, args.padding_idx - args.vocab_start)
+        token_rows = input_ids.long() - args.vocab_start if args.vocab_start else input_ids
+        token_grad_out = _sorted_sum(grad_out, token_rows, args.num_embeddings, args.scale, args.padding_idx - args.vocab_start)
     else:
         token_grad_out = values
+    if position_grad is not None:
+        return token_grad_out, position_grad, segment_grad
     if args.num_positions == 0 or dim == 0:
         position_grad = grad_out.new_zeros((args.num_positions, dim))
     elif args.cu_seqlens is not None and args.position_ids is None:

@@ -22,9 +22,9 @@ from embedfast import triton_norm  # noqa: E402
 VOCAB, SEQ_LEN, POSITIONS, SEGMENTS = 23, 5, 8, 3
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # the forward's sum, each way it can be built (learned and sinusoid positions, segments, packed documents, a vocabulary
-# shard, a sequence chunk)
+# shard, a sequence chunk), and so each way the backward sums the tables' gradients
 SOURCES = ("learned", "interleaved", "concat-segments", "explicit-positions", "packed", "default-segments",
-           "shard-chunk", "none")
+           "shard-chunk", "none", "learned-segments-chunk", "many-segments")
 
 
 def _forward_inputs(source, num_tokens, dim, dtype, ids_dtype, device, generator) -> ForwardInputs:
@@ -35,14 +35,17 @@ def _forward_inputs(source, num_tokens, dim, dtype, ids_dtype, device, generator
         return torch.randint(0, high, (n,), generator=generator).to(device, ids_dtype)
 
     args = ForwardInputs(randint(VOCAB), randn(VOCAB, dim), scale=1.5, seq_len=SEQ_LEN, position_offset=1)
-    if source in ("learned", "explicit-positions", "packed"):
+    if source in ("learned", "explicit-positions", "packed", "learned-segments-chunk", "many-segments"):
         args = args._replace(position_weight=randn(POSITIONS + 2, dim), position_mode=int(PositionMode.LEARNED))
     elif source in ("interleaved", "shard-chunk"):
         args = args._replace(position_mode=int(PositionMode.INTERLEAVED))
     elif source == "concat-segments":
         args = args._replace(position_mode=int(PositionMode.CONCAT), position_offset=300)
-    if source in ("concat-segments", "shard-chunk"):
+    if source in ("concat-segments", "shard-chunk", "learned-segments-chunk"):
         args = args._replace(segment_weight=randn(SEGMENTS, dim), token_type_ids=randint(SEGMENTS))
+    elif source == "many-segments":  # more than the kernels sum in registers
+        many = triton_kernels.MAX_REGISTER_SEGMENTS + 1
+        args = args._replace(segment_weight=randn(many, dim), token_type_ids=randint(many))
     elif source == "default-segments":
         args = args._replace(segment_weight=randn(1, dim))
     if source == "explicit-positions":
@@ -58,6 +61,8 @@ def _forward_inputs(source, num_tokens, dim, dtype, ids_dtype, device, generator
     elif source == "shard-chunk":  # the rows [5, 5 + 12) of the vocabulary, the columns [1, 4) of each sequence
         args = args._replace(weight=args.weight[5:17].contiguous(), vocab_start=5, vocab_size=VOCAB, chunk_start=1,
                              chunk_end=4)
+    elif source == "learned-segments-chunk":
+        args = args._replace(chunk_start=1, chunk_end=4)
     return args
 
 
@@ -160,6 +165,20 @@ def test_weight_and_bias_grads_over_many_programs_are_right_and_reproducible(mon
                    for _ in range(2))
     for a, b in zip(once, again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seq_len", [16, 70], ids=["position-tiles", "too-many-tiles"])
+def test_position_sums_by_tile_and_past_the_program_limit(monkeypatch, seq_len, device):
+    """Default learned positions: a program sums a tile of positions over the sequences (the last one ragged), or,
+    with more tiles than MAX_PARTIAL_BLOCKS programs, the position rows are summed from grad_sum after the kernel."""
+    monkeypatch.setattr(triton_norm, "MAX_PARTIAL_BLOCKS", 2)
+    generator = torch.Generator().manual_seed(seq_len)
+    num_tokens, dim = 70, 20  # 16 rows a tile
+    forward = _forward_inputs("learned-segments-chunk", num_tokens, dim, torch.float32, torch.int64, device, generator)
+    forward = forward._replace(seq_len=seq_len, chunk_end=seq_len - 3,
+                               position_weight=torch.randn(seq_len + 1, dim, generator=generator).to(device))
+    norm = _norm_inputs(NormMode.LAYERNORM, "both", 0.3, dim, torch.float32, device, generator)
+    _check(forward, norm, torch.float32, generator)
 
 
 def test_without_norm_or_dropout_the_norm_forward_is_the_forward():

@@ -46,8 +46,8 @@ def test_compile_sees_each_kernel_and_copies_no_input(report):
     graphs = report["graphs"]
     expected = {
         "norm-forward": [["_norm_kernel", ["stats_ptr", "out_ptr"]]],
-        "norm-backward": [["_norm_kernel", ["out_ptr", "partials_ptr"]],  # grad_sum, then the tables' gradients of it
-                          ["_grad_rows_kernel", ["values_ptr", "partials_ptr"]], ["_sorted_sum_kernel", ["out_ptr"]]],
+        # BERT's backward in one kernel: sparse values, position and segment sums, the norm's sums; no grad_sum
+        "norm-backward": [["_norm_kernel", ["partials_ptr", "values_ptr", "segment_partials_ptr", "position_grad_ptr"]]],
         "forward-sinusoid": [["_forward_kernel", ["out_ptr"]]],
         "forward-learned": [["_forward_kernel", ["out_ptr"]]],
         "backward-sparse": [["_grad_rows_kernel", ["values_ptr", "partials_ptr"]], ["_sorted_sum_kernel", ["out_ptr"]]],

@@ -49,20 +49,25 @@ def variants():
                 "num_tokens": "i32", "dim": "i32", "scale": "fp64", "num_segments": "i32"},
                {"WRITE_VALUES": True, "SEGMENT_PARTIALS": True, "HAS_TOKEN_TYPES": True, "FP64": False, "BLOCK_T": block_t,
                 "BLOCK_D": block_d}, num_warps)
-        norm_t, norm_d, norm_warps = tn.norm_launch_config(768)
+        norm_t, norm_d, _ = tn.norm_launch_config(768)
         norm_types = {"ids_ptr": "*i32", "weight_ptr": f"*{dtype}", "position_weight_ptr": f"*{dtype}",
                       "token_types_ptr": "*i32", "segment_ptr": f"*{dtype}", "dim": "i32", "scale": "fp64",
                       "position_offset": "i32", "seq_len": "i32", "norm_weight_ptr": f"*{dtype}",
                       "norm_bias_ptr": f"*{dtype}", "seed_ptr": "*i64", "stats_ptr": "*fp32", "out_ptr": f"*{dtype}",
-                      "grad_ptr": f"*{dtype}", "partials_ptr": "*fp32", "num_tokens": "i32", "tiles_per_program": "i32",
-                      "eps": "fp64", "threshold": "i32", "keep_scale": "fp64"}
+                      "grad_ptr": f"*{dtype}", "partials_ptr": "*fp32", "values_ptr": f"*{dtype}",
+                      "segment_partials_ptr": "*fp32", "position_grad_ptr": f"*{dtype}", "num_tokens": "i32",
+                      "num_segments": "i32", "steps": "i32", "period": "i32", "eps": "fp64", "threshold": "i32",
+                      "keep_scale": "fp64"}
         for direction in ("forward", "backward"):  # BERT's: learned positions, segments, LayerNorm, dropout
             yield (f"norm-{direction}-{dtype}", tn._norm_kernel, norm_types,
                    {"POSITION": PositionMode.LEARNED.value, "HAS_POSITION_IDS": False, "PACKED": False, "SEARCH_STEPS": 1,
                     "HAS_SEGMENTS": True, "HAS_TOKEN_TYPES": True, "FP64": False, "NORM": NormMode.LAYERNORM.value,
                     "HAS_WEIGHT": True, "HAS_BIAS": True, "DROPOUT": True, "BACKWARD": direction == "backward",
-                    "WEIGHT_GRAD": direction == "backward", "BIAS_GRAD": direction == "backward", "BLOCK_T": norm_t,
-                    "BLOCK_D": norm_d}, norm_warps)
+                    "WEIGHT_GRAD": direction == "backward", "BIAS_GRAD": direction == "backward",
+                    # the backward's one pass: values, segment and position sums, no grad_sum
+                    "WRITE_OUT": direction == "forward", "WRITE_VALUES": direction == "backward",
+                    "SEGMENT_GRAD": direction == "backward", "POSITION_TILES": direction == "backward",
+                    "BLOCK_T": norm_t, "BLOCK_D": norm_d}, tn.norm_launch_config(768, direction == "backward")[2])
         yield (f"sorted-sum-{dtype}", tk._sorted_sum_kernel,
                {"grad_ptr": f"*{dtype}", "order_ptr": "*i64", "keys_ptr": "*i64", "run_end_ptr": "*i64", "out_ptr": f"*{dtype}",
                 "dim": "i32", "scale": "fp64"},
