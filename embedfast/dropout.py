@@ -1,9 +1,10 @@
 """The dropout of the norm operators: a counter-based mask, the same bits on every backend.
 
-Element ``e = n * D + d`` of a call with seed ``s`` is kept when ``dropout_bits(s, e) >= dropout_threshold(p)``
-(``spec.py``). The bits are two rounds of MurmurHash3's 32-bit finaliser over the element index and the seed, so
-the mask is never stored: the backward regenerates it from the seed (``csrc/include/embedfast/kernel_math.h`` and
-``triton_kernels.py`` compute the same bits; the tests compare the masks bitwise).
+Element ``(n, d)`` of a call with seed ``s`` (token n's column d) is kept when ``dropout_bits(s, n, d) >=
+dropout_threshold(p)`` (``spec.py``). The bits are one round of MurmurHash3's 32-bit finaliser over the column and a
+key of the row, itself two rounds over the token index and the seed: two rounds a row, one an element. The mask is
+never stored: the backward regenerates it from the seed (``csrc/include/embedfast/kernel_math.h`` and
+``triton_norm.py`` compute the same bits; the tests compare the masks bitwise).
 
 The seed is drawn from torch's default generator of the device (``torch.manual_seed`` makes a call reproducible)
 into a 1-element device tensor that the kernels read: no host synchronization, and under CUDA-graph capture each
@@ -38,14 +39,21 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def dropout_bits(seed: torch.Tensor, elements: torch.Tensor) -> torch.Tensor:
-    """The 32 random bits (as int64 in [0, 2**32)) of each element index in ``elements`` (int64) under ``seed``."""
+def _row_key(seed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The key (as int64 in [0, 2**32)) of each token index in ``rows`` (int64) under ``seed``."""
     seed = seed.reshape(()).to(torch.int64)
-    mixed = _fmix32((elements & _MASK32) ^ (seed & _MASK32))
-    return _fmix32(mixed ^ ((seed >> 32) & _MASK32) ^ _mul32((elements >> 32) & _MASK32, 0x9E3779B9))
+    mixed = _fmix32((rows & _MASK32) ^ (seed & _MASK32))
+    return _fmix32(mixed ^ ((seed >> 32) & _MASK32) ^ _mul32((rows >> 32) & _MASK32, 0x9E3779B9))
+
+
+def dropout_bits(seed: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """The 32 random bits (as int64 in [0, 2**32)) of the elements (row, column) of ``rows`` and ``columns`` (int64,
+    broadcast together) under ``seed``."""
+    return _fmix32((columns & _MASK32) ^ _row_key(seed, rows))
 
 
 def keep_mask(seed: torch.Tensor, num_tokens: int, dim: int, threshold: int) -> torch.Tensor:
     """The (num_tokens, dim) boolean mask of the elements a call keeps."""
-    elements = torch.arange(num_tokens * dim, dtype=torch.int64, device=seed.device).view(num_tokens, dim)
-    return dropout_bits(seed, elements) >= threshold
+    rows = torch.arange(num_tokens, dtype=torch.int64, device=seed.device)[:, None]
+    columns = torch.arange(dim, dtype=torch.int64, device=seed.device)[None, :]
+    return dropout_bits(seed, rows, columns) >= threshold

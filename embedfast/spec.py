@@ -35,7 +35,7 @@ norm_forward (the forward's inputs, then ``NormInputs``) returns (out, stats): `
   token's (mean, rstd): LAYERNORM ``mean(x)``, ``1 / sqrt(mean((x - mean)^2) + norm_eps)``; RMSNORM 0,
   ``1 / sqrt(mean(x^2) + norm_eps)``; NONE 0, 1. ``norm_weight`` / ``norm_bias`` (D,) in the tables' dtype, each
   optional (None: ones / zeros; RMSNORM takes no bias). Dropout, when ``dropout_p > 0``: element
-  ``e = n * D + d`` is kept when ``dropout_bits(seed, e) >= dropout_threshold(dropout_p)`` and then scaled by
+  ``(n, d)`` is kept when ``dropout_bits(seed, n, d) >= dropout_threshold(dropout_p)`` and then scaled by
   ``1 / (1 - dropout_p)``; ``dropout_seed`` is a 1-element int64 tensor on the tables' device (``dropout.py``).
 norm_backward (grad_out, stats, the norm forward's inputs, then norm_grads, token_grad, padding_idx,
   position_grad, segment_grad) returns (token_grad, position_grad, segment_grad, norm_weight_grad,

@@ -11,8 +11,9 @@ them in registers with ``triton_kernels._sum_tile`` (the same code as ``_forward
             sums are per program, over a fixed set of tokens, and the host adds them in a fixed order (no atomics:
             reproducible bits). grad_sum is stored only for what is summed by key afterwards
             (``triton_kernels.table_grads``: dense token gradients, explicit or packed positions, many segments).
-The dropout mask is ``dropout.py``'s: two MurmurHash3 fmix32 rounds in uint32 over the element index and the seed,
-which the kernel reads from its 1-element device tensor (no host synchronization: CUDA-graph safe).
+The dropout mask is ``dropout.py``'s: a MurmurHash3 fmix32 round in uint32 over the column and the row's key (two rounds
+over the token index and the seed, which the kernel reads from its 1-element device tensor: no host synchronization,
+CUDA-graph safe).
 Registered from ``triton_kernels`` (imported at its end); the same interpreter rules hold (see there).
 """
 
@@ -57,13 +58,14 @@ def _fmix32(h):
 
 
 @triton.jit
-def _dropout_keep(seed_ptr, elements, threshold):
-    """Whether each element index (int64) is kept: ``dropout.dropout_bits(seed, e) >= threshold``."""
+def _dropout_keep(seed_ptr, rows, columns, threshold):
+    """Whether each element (row, column) of the (int64) ``rows`` and ``columns`` vectors is kept, as a (rows,
+    columns) tile: ``dropout.dropout_bits(seed, row, column) >= threshold``."""
     seed = tl.load(seed_ptr)
     seed_low = seed.to(tl.uint32)  # int64 -> uint32 keeps the low 32 bits
     seed_high = (seed >> 32).to(tl.uint32)
-    mixed = _fmix32(elements.to(tl.uint32) ^ seed_low)
-    bits = _fmix32(mixed ^ seed_high ^ ((elements >> 32).to(tl.uint32) * 0x9E3779B9))
+    key = _fmix32(_fmix32(rows.to(tl.uint32) ^ seed_low) ^ seed_high ^ ((rows >> 32).to(tl.uint32) * 0x9E3779B9))
+    bits = _fmix32(columns.to(tl.uint32)[None, :] ^ key[:, None])
     return bits.to(tl.int64) >= threshold
 
 
@@ -141,7 +143,7 @@ def _norm_kernel(
         x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0)
         offsets = tokens[:, None] * dim + cols[None, :]
         if DROPOUT:
-            keep = _dropout_keep(seed_ptr, offsets, threshold)
+            keep = _dropout_keep(seed_ptr, tokens, cols, threshold)
         if BACKWARD:
             dy = tl.load(grad_ptr + offsets, mask=mask, other=0).to(math_type)
             if DROPOUT:

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import embedfast
 from cases import NORM_GRAD_REQUESTS, Case, assert_case_matches_truth, assert_close, dense_grad, truth
-from embedfast.spec import TABLE_DTYPES, ForwardInputs, GradientOptions, NormInputs, NormMode, PositionMode
+from embedfast.dropout import keep_mask
+from embedfast.spec import TABLE_DTYPES, ForwardInputs, GradientOptions, NormInputs, NormMode, PositionMode, dropout_threshold
 
 CASES = {
     "layernorm-bert": Case(shape=(2, 6), dim=768, vocab=300, position="learned", max_positions=8, segments=2,
@@ -35,9 +36,26 @@ def test_norm_forward_and_five_gradients_match_truth(case, dtype, backend, devic
 
 
 def _fraction_bounds(p: float, count: int) -> tuple[float, float]:
-    """Where the fraction of dropped elements lies but with probability ~1e-9 (6 standard deviations)."""
+    """Where a fraction of `count` elements, each in with probability p, lies but with probability ~1e-9 (6 standard
+    deviations)."""
     spread = 6 * math.sqrt(p * (1 - p) / count)
     return p - spread, p + spread
+
+
+def test_mask_pairs_are_kept_together_as_often_as_independent_draws():
+    """The mask's definition (dropout.keep_mask, which every backend matches bitwise): the pairs a row key and a
+    per-column round could make alike (neighbouring columns, the same column of neighbouring rows, the same element
+    under seeds one bit apart, low or high) are both kept (1 - p)^2 of the time, within 6 standard deviations."""
+    p, rows, dim = 0.3, 512, 768
+    threshold = dropout_threshold(p)
+    mask = keep_mask(torch.tensor([12345]), rows, dim, threshold)
+    pairs = {"columns": (mask[:, 1:], mask[:, :-1]), "rows": (mask[1:], mask[:-1]),
+             "low-seed-bit": (mask, keep_mask(torch.tensor([12344]), rows, dim, threshold)),
+             "high-seed-bit": (mask, keep_mask(torch.tensor([12345 + 2**32]), rows, dim, threshold))}
+    both = (1 - p) ** 2
+    for name, (a, b) in pairs.items():
+        low, high = _fraction_bounds(both, a.numel())
+        assert low < (a & b).double().mean().item() < high, name
 
 
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", None])

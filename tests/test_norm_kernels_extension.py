@@ -272,16 +272,16 @@ def test_cuda_matches_the_reference(dtype, dim, case, mode):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [0, 12345678901, 2**62 - 1, -7])
-@pytest.mark.parametrize("base", [0, 2**32 - 40, 2**32 - 7, 3 * 2**33 + 5], ids=["low", "across-2^32", "in-a-block", "high"])
+@pytest.mark.parametrize("base", [0, 2**32 - 2, 3 * 2**33 + 5], ids=["low", "across-2^32", "high"])
 def test_dropout_rows_are_dropout_py_bitwise(dtype, seed, base):
-    """The row loops' mask (vector blocks and the tail, each lane order) is dropout.py's for element indices past 32
-    bits, rows crossing a multiple of 2^32 and seeds with high bits (or negative); kept values are scaled once."""
+    """The row loops' mask (vector blocks and the tail, each lane order) is dropout.py's for row indices past 32 bits,
+    rows on both sides of a multiple of 2^32 and seeds with high bits (or negative); kept values are scaled once."""
     rows, dim, p = 3, 71, 0.3
     values = torch.randn(rows, dim).to(dtype)
     seeds = torch.tensor([seed], dtype=torch.int64)
     out = torch.ops.embedfast.dropout_rows_cpu(values, seeds, base, p)
-    elements = base + torch.arange(rows * dim, dtype=torch.int64).view(rows, dim)
-    kept = dropout_bits(seeds, elements) >= dropout_threshold(p)
+    row_index = base + torch.arange(rows, dtype=torch.int64)[:, None]
+    kept = dropout_bits(seeds, row_index, torch.arange(dim, dtype=torch.int64)[None, :]) >= dropout_threshold(p)
     math = compute_dtype(dtype)
     expected = torch.where(kept, values.to(math) * torch.tensor(1 / (1 - p), dtype=math), 0).to(dtype)
     assert torch.equal(out, expected)

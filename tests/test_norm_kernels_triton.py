@@ -191,20 +191,23 @@ def test_without_norm_or_dropout_the_norm_forward_is_the_forward():
 
 
 @triton.jit
-def _keep_kernel(seed_ptr, out_ptr, base, threshold, BLOCK: tl.constexpr):
-    elements = base + tl.arange(0, BLOCK).to(tl.int64)
-    tl.store(out_ptr + tl.arange(0, BLOCK), triton_norm._dropout_keep(seed_ptr, elements, threshold).to(tl.int8))
+def _keep_kernel(seed_ptr, out_ptr, base, threshold, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    rows = base + tl.arange(0, ROWS).to(tl.int64)
+    columns = tl.arange(0, COLUMNS).to(tl.int64)
+    keep = triton_norm._dropout_keep(seed_ptr, rows, columns, threshold)
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * COLUMNS + tl.arange(0, COLUMNS)[None, :], keep.to(tl.int8))
 
 
 @pytest.mark.parametrize("seed", [0, 12345678901, 2**62 - 1, -7])
-@pytest.mark.parametrize("base", [0, 2**32 - 40, 3 * 2**33 + 5], ids=["low", "across-2^32", "high"])
+@pytest.mark.parametrize("base", [0, 2**32 - 2, 3 * 2**33 + 5], ids=["low", "across-2^32", "high"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
 def test_dropout_mask_is_dropout_py_bitwise(seed, base, p):
-    """The kernels' mask is dropout.py's for element indices past 32 bits and seeds with high bits (or negative)."""
+    """The kernels' mask is dropout.py's for row indices past 32 bits and seeds with high bits (or negative)."""
     seeds = torch.tensor([seed], dtype=torch.int64)
-    out = torch.empty(64, dtype=torch.int8)
-    _keep_kernel[(1,)](seeds, out, base, dropout_threshold(p), BLOCK=64)
-    expected = dropout_bits(seeds, base + torch.arange(64, dtype=torch.int64)) >= dropout_threshold(p)
+    out = torch.empty(4, 16, dtype=torch.int8)
+    _keep_kernel[(1,)](seeds, out, base, dropout_threshold(p), ROWS=4, COLUMNS=16)
+    rows, columns = base + torch.arange(4, dtype=torch.int64)[:, None], torch.arange(16, dtype=torch.int64)[None, :]
+    expected = dropout_bits(seeds, rows, columns) >= dropout_threshold(p)
     assert torch.equal(out.bool(), expected)
 
 

@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> norm_forward_cpu(const NormForwardArgs& args)
           forward, layout, walk_grain(dim),
           [&](int64_t, int64_t n, const scalar_t* token_row, const auto* position_row, const scalar_t* segment_row) {
             norm_forward_rows(output + n * dim, stats_out + 2 * n, scratch<acc_t>(dim), token_row, position_row,
-                              segment_row, scale, call.row, static_cast<uint64_t>(n * dim), stream);
+                              segment_row, scale, call.row, static_cast<uint64_t>(n), stream);
           },
           [stream] {
             if (stream) end_streaming();
@@ -155,14 +155,14 @@ class NormBackwardTask {
     }
     const scalar_t* grad = pass.grad + n * dim;
     scalar_t* gradient = pass.grad_sum != nullptr ? pass.grad_sum + n * dim : row_.data();
-    const uint64_t first_element = static_cast<uint64_t>(n * dim);
+    const auto token_index = static_cast<uint64_t>(n);
     if (pass.row.epilogue.mode != NormMode::kNone) {
       norm_backward_rows(gradient, pass.weight_partials ? pass.weight_partials + block * dim : nullptr,
                          pass.bias_partials ? pass.bias_partials + block * dim : nullptr, math_rows_.data(),
                          math_rows_.data() + dim, grad, pass.stats + 2 * n, token, position, segment, pass.scale,
-                         pass.row, first_element);
+                         pass.row, token_index);
     } else if (pass.row.epilogue.dropout) {
-      norm_masked_rows(gradient, math_rows_.data(), grad, pass.row, first_element);
+      norm_masked_rows(gradient, math_rows_.data(), grad, pass.row, token_index);
     } else {
       gradient = const_cast<scalar_t*>(grad);  // read only: the sum's gradient is grad_out
     }
@@ -284,14 +284,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_back
           bias_grad ? sum_unit_partials(bias_partials, layout, dtype) : none()};
 }
 
-// The dropout row loop alone, for tests of element indices no test can allocate: row n of `values` (N, D) with the
-// mask of elements first_element + n * D + d, as norm_backward applies it without a norm.
-at::Tensor dropout_rows_cpu(const at::Tensor& values, const at::Tensor& seed, int64_t first_element, double p) {
+// The dropout row loop alone, for tests of row indices no test can allocate: row n of `values` (N, D) with the mask of
+// output row first_row + n, as norm_backward applies it without a norm.
+at::Tensor dropout_rows_cpu(const at::Tensor& values, const at::Tensor& seed, int64_t first_row, double p) {
   TORCH_CHECK(values.dim() == 2 && values.is_contiguous() && values.device().is_cpu(),
               "dropout_rows_cpu: values must be a contiguous 2-D CPU tensor, got shape ", values.sizes());
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
               "dropout_rows_cpu: seed must be a 1-element int64 CPU tensor");
-  TORCH_CHECK(first_element >= 0, "dropout_rows_cpu: first_element must be >= 0, got ", first_element);
+  TORCH_CHECK(first_row >= 0, "dropout_rows_cpu: first_row must be >= 0, got ", first_row);
   TORCH_CHECK(p > 0 && p < 1, "dropout_rows_cpu: p must be in (0, 1), got ", p);
   const int64_t rows = values.size(0), dim = values.size(1);
   at::Tensor out = at::empty_like(values);
@@ -302,7 +302,7 @@ at::Tensor dropout_rows_cpu(const at::Tensor& values, const at::Tensor& seed, in
     const NormRow<acc_t> row{nullptr, nullptr, epilogue, dim};
     for (int64_t n = 0; n < rows; ++n) {
       norm_masked_rows(out.data_ptr<scalar_t>() + n * dim, scratch<acc_t>(dim), values.data_ptr<scalar_t>() + n * dim,
-                       row, static_cast<uint64_t>(first_element + n * dim));
+                       row, static_cast<uint64_t>(first_row + n));
     }
   });
   return out;
@@ -311,7 +311,7 @@ at::Tensor dropout_rows_cpu(const at::Tensor& values, const at::Tensor& seed, in
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(embedfast, m) {
-  m.def("dropout_rows_cpu(Tensor values, Tensor seed, int first_element, float p) -> Tensor", &dropout_rows_cpu);
+  m.def("dropout_rows_cpu(Tensor values, Tensor seed, int first_row, float p) -> Tensor", &dropout_rows_cpu);
 }
 
 TORCH_LIBRARY_IMPL(embedfast, CPU, m) {

@@ -52,26 +52,6 @@ EMBEDFAST_INLINE acc_t lane_sum(int64_t dim, const Value& value) {
   return lanes[0] + tail;
 }
 
-// The dropout of the elements first, first + 1, ... of one row, on 32-bit lanes (kernel_math.h), and a call of
-// body(kept) with it: the row's elements share their high 32 bits unless the row crosses a multiple of 2^32.
-struct RowMask {
-  uint32_t seed_low, key, first, threshold;
-  EMBEDFAST_INLINE bool operator()(int64_t j) const {
-    return dropout_bits(seed_low, key, first + static_cast<uint32_t>(j)) >= threshold;
-  }
-};
-
-template <typename acc_t, typename Body>
-EMBEDFAST_INLINE void with_row_mask(const NormEpilogue<acc_t>& epilogue, uint64_t first, int64_t dim, const Body& body) {
-  const auto low = static_cast<uint32_t>(first);
-  if (static_cast<uint64_t>(low) + static_cast<uint64_t>(dim) <= (uint64_t{1} << 32)) {
-    body(RowMask{static_cast<uint32_t>(epilogue.seed), dropout_key(epilogue.seed, static_cast<uint32_t>(first >> 32)),
-                 low, epilogue.threshold});
-  } else {
-    body([&](int64_t j) { return epilogue.kept(first + j); });
-  }
-}
-
 // value, or +0 when not kept: by a mask of its bits, which the compiler vectorizes (a select of value * scale it does
 // not: the multiply might trap).
 template <typename acc_t>
@@ -85,14 +65,15 @@ EMBEDFAST_INLINE acc_t keep_or_zero(acc_t value, bool keep) {
   return value;
 }
 
-// The dropout in place: dropped values 0, kept ones scaled (separate from the rounding: both loops vectorize).
+// The dropout of a token's row (token_index: its row n of the output) in place: dropped values 0, kept ones scaled
+// (separate from the rounding: both loops vectorize).
 template <typename acc_t>
-EMBEDFAST_INLINE void drop(acc_t* __restrict__ values, const NormRow<acc_t>& row, uint64_t first_element) {
+EMBEDFAST_INLINE void drop(acc_t* __restrict__ values, const NormRow<acc_t>& row, uint64_t token_index) {
   const acc_t keep_scale = row.epilogue.keep_scale;
-  const int64_t dim = row.dim;
-  with_row_mask(row.epilogue, first_element, dim, [values, keep_scale, dim](const auto kept) {
-    for (int64_t j = 0; j < dim; ++j) values[j] = keep_or_zero(values[j] * keep_scale, kept(j));
-  });
+  const uint32_t key = row.epilogue.row_key(token_index), threshold = row.epilogue.threshold;
+  for (int64_t j = 0; j < row.dim; ++j) {
+    values[j] = keep_or_zero(values[j] * keep_scale, dropout_bits(key, static_cast<uint32_t>(j)) >= threshold);
+  }
 }
 
 // x = the forward's sum of one token, in the math dtype, never rounded
@@ -107,7 +88,7 @@ EMBEDFAST_INLINE void sum_row(acc_t* __restrict__ x, const scalar_t* __restrict_
 template <typename scalar_t, typename position_t, typename acc_t = math_t<scalar_t>>
 EMBEDFAST_INLINE void norm_forward_row(scalar_t* __restrict__ out, acc_t* __restrict__ stats, acc_t* __restrict__ x,
                         const scalar_t* token, const position_t* position, const scalar_t* segment, acc_t scale,
-                        const NormRow<acc_t>& row, uint64_t first_element) {
+                        const NormRow<acc_t>& row, uint64_t token_index) {
   const int64_t dim = row.dim;
   sum_row(x, token, position, segment, scale, dim);
   acc_t mean = 0, rstd = 1;
@@ -123,16 +104,16 @@ EMBEDFAST_INLINE void norm_forward_row(scalar_t* __restrict__ out, acc_t* __rest
   const acc_t* __restrict__ weight = row.weight;
   const acc_t* __restrict__ bias = row.bias;
   for (int64_t j = 0; j < dim; ++j) x[j] = (x[j] - mean) * rstd * weight[j] + bias[j];
-  if (row.epilogue.dropout) drop(x, row, first_element);
+  if (row.epilogue.dropout) drop(x, row, token_index);
   for (int64_t j = 0; j < dim; ++j) out[j] = static_cast<scalar_t>(x[j]);
 }
 
 // dy = grad in the math dtype, with the forward's mask
 template <typename scalar_t, typename acc_t>
 EMBEDFAST_INLINE void masked_grad_row(acc_t* __restrict__ dy, const scalar_t* __restrict__ grad, const NormRow<acc_t>& row,
-                                 uint64_t first_element) {
+                                 uint64_t token_index) {
   for (int64_t j = 0; j < row.dim; ++j) dy[j] = static_cast<acc_t>(grad[j]);
-  if (row.epilogue.dropout) drop(dy, row, first_element);
+  if (row.epilogue.dropout) drop(dy, row, token_index);
 }
 
 // dy = grad_out with the forward's mask; x_hat = (x - mean) * rstd; g = dy * w;
@@ -142,10 +123,10 @@ template <typename scalar_t, typename position_t, typename acc_t = math_t<scalar
 EMBEDFAST_INLINE void norm_backward_row(scalar_t* __restrict__ out, acc_t* __restrict__ weight_partial, acc_t* __restrict__ bias_partial,
                          acc_t* __restrict__ x, acc_t* __restrict__ dy, const scalar_t* __restrict__ grad,
                          const acc_t* stats, const scalar_t* token, const position_t* position, const scalar_t* segment,
-                         acc_t scale, const NormRow<acc_t>& row, uint64_t first_element) {
+                         acc_t scale, const NormRow<acc_t>& row, uint64_t token_index) {
   const int64_t dim = row.dim;
   const NormEpilogue<acc_t>& epilogue = row.epilogue;
-  masked_grad_row(dy, grad, row, first_element);
+  masked_grad_row(dy, grad, row, token_index);
   sum_row(x, token, position, segment, scale, dim);
   const acc_t mean = stats[0], rstd = stats[1];
   for (int64_t j = 0; j < dim; ++j) x[j] = (x[j] - mean) * rstd;
@@ -170,8 +151,8 @@ EMBEDFAST_INLINE void norm_backward_row(scalar_t* __restrict__ out, acc_t* __res
 // out = grad with the forward's mask, dy a scratch row
 template <typename scalar_t, typename acc_t>
 EMBEDFAST_INLINE void norm_masked_row(scalar_t* __restrict__ out, acc_t* __restrict__ dy, const scalar_t* __restrict__ grad,
-                                      const NormRow<acc_t>& row, uint64_t first_element) {
-  masked_grad_row(dy, grad, row, first_element);
+                                      const NormRow<acc_t>& row, uint64_t token_index) {
+  masked_grad_row(dy, grad, row, token_index);
   for (int64_t j = 0; j < row.dim; ++j) out[j] = static_cast<scalar_t>(dy[j]);
 }
 

@@ -68,21 +68,21 @@ void store_side_rows(double* out, const double* side, double scale, int64_t dim)
 
 EMBEDFAST_ROW_KERNEL void norm_forward_rows(double* out, double* stats, double* x, const double* token,
                                             const double* position, const double* segment, double scale,
-                                            const NormRow<double>& row, uint64_t first_element, bool) {
-  portable::norm_forward_row(out, stats, x, token, position, segment, scale, row, first_element);
+                                            const NormRow<double>& row, uint64_t token_index, bool) {
+  portable::norm_forward_row(out, stats, x, token, position, segment, scale, row, token_index);
 }
 
 EMBEDFAST_ROW_KERNEL void norm_backward_rows(double* out, double* weight_partial, double* bias_partial, double* x,
                                              double* dy, const double* grad, const double* stats, const double* token,
                                              const double* position, const double* segment, double scale,
-                                             const NormRow<double>& row, uint64_t first_element) {
+                                             const NormRow<double>& row, uint64_t token_index) {
   portable::norm_backward_row(out, weight_partial, bias_partial, x, dy, grad, stats, token, position, segment, scale,
-                              row, first_element);
+                              row, token_index);
 }
 
 EMBEDFAST_ROW_KERNEL void norm_masked_rows(double* out, double* dy, const double* grad, const NormRow<double>& row,
-                                           uint64_t first_element) {
-  portable::norm_masked_row(out, dy, grad, row, first_element);
+                                           uint64_t token_index) {
+  portable::norm_masked_row(out, dy, grad, row, token_index);
 }
 
 // float32, float16 and bfloat16 rows: the path of cpu_isa()
@@ -120,25 +120,25 @@ EMBEDFAST_ROW_KERNEL void norm_masked_rows(double* out, double* dy, const double
 
 #define EMBEDFAST_DISPATCHED_NORM_ROW_LOOPS(scalar_t, position_t)                                                      \
   void norm_forward_rows(scalar_t* out, float* stats, float* x, const scalar_t* token, const position_t* position,      \
-                         const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t first_element,      \
+                         const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t token_index,      \
                          bool stream) {                                                                                \
-    EMBEDFAST_SIMD_OR_PORTABLE(norm_forward_rows, out, stats, x, token, position, segment, scale, row, first_element,  \
+    EMBEDFAST_SIMD_OR_PORTABLE(norm_forward_rows, out, stats, x, token, position, segment, scale, row, token_index,  \
                                stream)                                                                                 \
-    portable::norm_forward_row(out, stats, x, token, position, segment, scale, row, first_element);                    \
+    portable::norm_forward_row(out, stats, x, token, position, segment, scale, row, token_index);                    \
   }                                                                                                                    \
   void norm_backward_rows(scalar_t* out, float* weight_partial, float* bias_partial, float* x, float* dy,               \
                           const scalar_t* grad, const float* stats, const scalar_t* token, const position_t* position, \
-                          const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t first_element) {   \
+                          const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t token_index) {   \
     EMBEDFAST_SIMD_OR_PORTABLE(norm_backward_rows, out, weight_partial, bias_partial, x, dy, grad, stats, token,       \
-                               position, segment, scale, row, first_element)                                           \
+                               position, segment, scale, row, token_index)                                           \
     portable::norm_backward_row(out, weight_partial, bias_partial, x, dy, grad, stats, token, position, segment, scale, \
-                                row, first_element);                                                                   \
+                                row, token_index);                                                                   \
   }
 #define EMBEDFAST_DISPATCHED_MASKED_ROW_LOOP(scalar_t)                                                                   \
   void norm_masked_rows(scalar_t* out, float* dy, const scalar_t* grad, const NormRow<float>& row,                     \
-                        uint64_t first_element) {                                                                      \
-    EMBEDFAST_SIMD_OR_PORTABLE(norm_masked_rows, out, dy, grad, row, first_element)                                    \
-    portable::norm_masked_row(out, dy, grad, row, first_element);                                                      \
+                        uint64_t token_index) {                                                                      \
+    EMBEDFAST_SIMD_OR_PORTABLE(norm_masked_rows, out, dy, grad, row, token_index)                                    \
+    portable::norm_masked_row(out, dy, grad, row, token_index);                                                      \
   }
 #define EMBEDFAST_DISPATCHED_ALL_ROW_LOOPS(scalar_t)     \
   EMBEDFAST_DISPATCHED_ROW_LOOPS(scalar_t)               \

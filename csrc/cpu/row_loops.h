@@ -80,19 +80,19 @@ void end_streaming();
 // The norm epilogue's rows (norm_rows.h), the weight and bias side rows: norm_forward_rows: out = the norm of the
 // token's sum, dropped out, stats = its (mean, rstd); norm_backward_rows: out = the gradient of the sum, and the
 // norm weight / bias gradients added to partial sums (side rows; either may be null); norm_masked_rows: out = grad
-// with the mask. x, dy: scratch rows of dim; first_element: the element index (n * dim) of the row's column 0.
+// with the mask. x, dy: scratch rows of dim; token_index: the row n of the output (the dropout's row, kernel_math.h).
 #define EMBEDFAST_DECLARE_NORM_ROW_LOOPS(scalar_t, position_t)                                                  \
   void norm_forward_rows(scalar_t* out, math_t<scalar_t>* stats, math_t<scalar_t>* x, const scalar_t* token,  \
                          const position_t* position, const scalar_t* segment, math_t<scalar_t> scale,        \
-                         const NormRow<math_t<scalar_t>>& row, uint64_t first_element, bool stream);        \
+                         const NormRow<math_t<scalar_t>>& row, uint64_t token_index, bool stream);        \
   void norm_backward_rows(scalar_t* out, math_t<scalar_t>* weight_partial, math_t<scalar_t>* bias_partial,    \
                           math_t<scalar_t>* x, math_t<scalar_t>* dy, const scalar_t* grad,                    \
                           const math_t<scalar_t>* stats, const scalar_t* token, const position_t* position,  \
                           const scalar_t* segment, math_t<scalar_t> scale, const NormRow<math_t<scalar_t>>& row, \
-                          uint64_t first_element);
+                          uint64_t token_index);
 #define EMBEDFAST_DECLARE_MASKED_ROW_LOOP(scalar_t)                                                             \
   void norm_masked_rows(scalar_t* out, math_t<scalar_t>* dy, const scalar_t* grad,                           \
-                        const NormRow<math_t<scalar_t>>& row, uint64_t first_element);
+                        const NormRow<math_t<scalar_t>>& row, uint64_t token_index);
 #define EMBEDFAST_DECLARE_ALL_NORM_ROW_LOOPS(scalar_t)     \
   EMBEDFAST_DECLARE_NORM_ROW_LOOPS(scalar_t, math_t<scalar_t>) \
   EMBEDFAST_DECLARE_MASKED_ROW_LOOP(scalar_t)

@@ -56,18 +56,17 @@ struct Simd {
     return _mm_cvtss_f32(_mm_add_ss(four, _mm_movehdup_ps(four)));
   }
 
-  // The dropout (kernel_math.h) of the elements first + lane_column(l) of a block, in scalar_t's lane order.
-  // Lanes whose element index wraps past a multiple of 2^32 take the next key.
+  // The dropout (kernel_math.h) of the columns first + lane_column(l) of a block of the row whose key is `key`, in
+  // scalar_t's lane order.
   struct Dropout {
-    __m256i seed_low, threshold;
+    __m256i threshold;
     __m256 keep_scale;
   };
   struct Kept {
     __m256i lo, hi;
   };
-  static Dropout dropout(uint32_t seed_low, uint32_t threshold, float keep_scale) {
-    return {_mm256_set1_epi32(static_cast<int>(seed_low)), _mm256_set1_epi32(static_cast<int>(threshold)),
-            _mm256_set1_ps(keep_scale)};
+  static Dropout dropout(uint32_t threshold, float keep_scale) {
+    return {_mm256_set1_epi32(static_cast<int>(threshold)), _mm256_set1_ps(keep_scale)};
   }
   template <typename scalar_t>
   static int64_t lane_column(int64_t lane) {
@@ -75,15 +74,13 @@ struct Simd {
     return (lane % 8) / 4 * 8 + lane / 8 * 4 + lane % 4;  // lanes 0-3, 8-11 | 4-7, 12-15
   }
   template <typename scalar_t>
-  EMBEDFAST_INLINE static Kept kept(const Dropout& dropout, uint32_t key, uint32_t next_key, uint32_t first) {
-    const __m256i start = _mm256_set1_epi32(static_cast<int>(first));
-    const __m256i keys = _mm256_set1_epi32(static_cast<int>(key)), next_keys = _mm256_set1_epi32(static_cast<int>(next_key));
+  EMBEDFAST_INLINE static Kept kept(const Dropout& dropout, uint32_t key, uint32_t first) {
+    const __m256i start = _mm256_set1_epi32(static_cast<int>(first)), keys = _mm256_set1_epi32(static_cast<int>(key));
     const bool unpacked = std::is_same_v<scalar_t, c10::BFloat16>;
     const __m256i lo = unpacked ? _mm256_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11) : _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i hi = unpacked ? _mm256_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15)
                                 : _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
-    return {kept(_mm256_add_epi32(start, lo), start, dropout, keys, next_keys),
-            kept(_mm256_add_epi32(start, hi), start, dropout, keys, next_keys)};
+    return {kept(_mm256_add_epi32(start, lo), keys, dropout), kept(_mm256_add_epi32(start, hi), keys, dropout)};
   }
   static Block keep_scaled(Block values, Kept kept, const Dropout& dropout) {
     return {_mm256_and_ps(_mm256_castsi256_ps(kept.lo), _mm256_mul_ps(values.lo, dropout.keep_scale)),
@@ -135,12 +132,9 @@ struct Simd {
     h = _mm256_mullo_epi32(h, _mm256_set1_epi32(static_cast<int>(0xC2B2AE35u)));
     return _mm256_xor_si256(h, _mm256_srli_epi32(h, 16));
   }
-  // all ones where kept: bits >= threshold, unsigned (max(bits, threshold) == bits); an element below start wrapped
-  EMBEDFAST_INLINE static __m256i kept(__m256i elements, __m256i start, const Dropout& dropout, __m256i keys,
-                                       __m256i next_keys) {
-    const __m256i not_wrapped = _mm256_cmpeq_epi32(_mm256_max_epu32(elements, start), elements);
-    const __m256i lane_keys = _mm256_blendv_epi8(next_keys, keys, not_wrapped);
-    const __m256i bits = fmix32(_mm256_xor_si256(fmix32(_mm256_xor_si256(elements, dropout.seed_low)), lane_keys));
+  // all ones where kept: bits >= threshold, unsigned (max(bits, threshold) == bits)
+  EMBEDFAST_INLINE static __m256i kept(__m256i columns, __m256i keys, const Dropout& dropout) {
+    const __m256i bits = fmix32(_mm256_xor_si256(columns, keys));
     return _mm256_cmpeq_epi32(_mm256_max_epu32(bits, dropout.threshold), bits);
   }
   template <bool kStream, typename T>

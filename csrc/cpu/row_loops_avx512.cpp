@@ -46,28 +46,27 @@ struct Simd {
   // the sum of the lanes, in a fixed order
   static float sum(Block a) { return _mm512_reduce_add_ps(_mm512_add_ps(a.lo, a.hi)); }
 
-  // The dropout (kernel_math.h) of the elements first + lane_column(l) of a block: every dtype in natural order.
-  // Lanes whose element index wraps past a multiple of 2^32 take the next key.
+  // The dropout (kernel_math.h) of the columns first + lane_column(l) of a block of the row whose key is `key`: every
+  // dtype in natural order.
   struct Dropout {
-    __m512i seed_low, threshold;
+    __m512i threshold;
     __m512 keep_scale;
   };
   struct Kept {
     __mmask16 lo, hi;
   };
-  static Dropout dropout(uint32_t seed_low, uint32_t threshold, float keep_scale) {
-    return {_mm512_set1_epi32(static_cast<int>(seed_low)), _mm512_set1_epi32(static_cast<int>(threshold)),
-            _mm512_set1_ps(keep_scale)};
+  static Dropout dropout(uint32_t threshold, float keep_scale) {
+    return {_mm512_set1_epi32(static_cast<int>(threshold)), _mm512_set1_ps(keep_scale)};
   }
   template <typename scalar_t>
   static int64_t lane_column(int64_t lane) { return lane; }
   template <typename scalar_t>
-  EMBEDFAST_INLINE static Kept kept(const Dropout& dropout, uint32_t key, uint32_t next_key, uint32_t first) {
-    const __m512i start = _mm512_set1_epi32(static_cast<int>(first));
-    const __m512i lo = _mm512_add_epi32(start, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  EMBEDFAST_INLINE static Kept kept(const Dropout& dropout, uint32_t key, uint32_t first) {
+    const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(first)),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(16));
-    const __m512i keys = _mm512_set1_epi32(static_cast<int>(key)), next_keys = _mm512_set1_epi32(static_cast<int>(next_key));
-    return {kept(lo, start, dropout, keys, next_keys), kept(hi, start, dropout, keys, next_keys)};
+    const __m512i keys = _mm512_set1_epi32(static_cast<int>(key));
+    return {kept(lo, keys, dropout), kept(hi, keys, dropout)};
   }
   static Block keep_scaled(Block values, Kept kept, const Dropout& dropout) {
     return {_mm512_maskz_mul_ps(kept.lo, values.lo, dropout.keep_scale),
@@ -108,11 +107,8 @@ struct Simd {
     h = _mm512_mullo_epi32(h, _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u)));
     return _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
   }
-  EMBEDFAST_INLINE static __mmask16 kept(__m512i elements, __m512i start, const Dropout& dropout, __m512i keys,
-                                         __m512i next_keys) {
-    const __m512i lane_keys = _mm512_mask_mov_epi32(keys, _mm512_cmplt_epu32_mask(elements, start), next_keys);
-    const __m512i bits = fmix32(_mm512_xor_si512(fmix32(_mm512_xor_si512(elements, dropout.seed_low)), lane_keys));
-    return _mm512_cmpge_epu32_mask(bits, dropout.threshold);
+  EMBEDFAST_INLINE static __mmask16 kept(__m512i columns, __m512i keys, const Dropout& dropout) {
+    return _mm512_cmpge_epu32_mask(fmix32(_mm512_xor_si512(columns, keys)), dropout.threshold);
   }
   template <typename T>
   static __m256i load256(const T* row) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row)); }

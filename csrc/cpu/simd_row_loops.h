@@ -61,29 +61,21 @@ void store_side_blocks(scalar_t* out, const float* side, float scale, int64_t di
 // in a fixed order, then the row's tail columns in order; x, dy are rows in the lane order of scalar_t, like the
 // weight and bias side rows.
 
-// Which lanes of a block the dropout keeps, lane l holding element first + Simd::lane_column<scalar_t>(l).
+// The dropout of a block of columns first + Simd::lane_column<scalar_t>(l) of the row whose key (kernel_math.h) is
+// `key`: kept values scaled, dropped ones +0
 template <typename scalar_t>
-EMBEDFAST_INLINE typename Simd::Kept kept_lanes(const NormEpilogue<float>& epilogue, const typename Simd::Dropout& dropout,
-                                                uint64_t first) {
-  const auto high = static_cast<uint32_t>(first >> 32);
-  return Simd::template kept<scalar_t>(dropout, dropout_key(epilogue.seed, high), dropout_key(epilogue.seed, high + 1),
-                                       static_cast<uint32_t>(first));
-}
-
-// the dropout of a block: kept values scaled, dropped ones +0
-template <typename scalar_t>
-EMBEDFAST_INLINE typename Simd::Block drop_block(typename Simd::Block values, const NormEpilogue<float>& epilogue,
-                                                 const typename Simd::Dropout& dropout, uint64_t first) {
-  return Simd::keep_scaled(values, kept_lanes<scalar_t>(epilogue, dropout, first), dropout);
+EMBEDFAST_INLINE typename Simd::Block drop_block(typename Simd::Block values, const typename Simd::Dropout& dropout,
+                                                 uint32_t key, int64_t first) {
+  return Simd::keep_scaled(values, Simd::template kept<scalar_t>(dropout, key, static_cast<uint32_t>(first)), dropout);
 }
 
 inline typename Simd::Dropout dropout_of(const NormEpilogue<float>& epilogue) {
-  return Simd::dropout(static_cast<uint32_t>(epilogue.seed), epilogue.threshold, epilogue.keep_scale);
+  return Simd::dropout(epilogue.threshold, epilogue.keep_scale);
 }
 
 template <bool kStream, typename scalar_t, typename position_t>
 void norm_forward_blocks(scalar_t* out, float* stats, float* x, const scalar_t* token, const position_t* position,
-                         const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t first_element) {
+                         const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t token_index) {
   const NormEpilogue<float>& epilogue = row.epilogue;
   const int64_t dim = row.dim, blocks_end = dim - dim % Simd::kBlock;
   const auto factor = Simd::broadcast(portable::canonical(scale));
@@ -115,14 +107,15 @@ void norm_forward_blocks(scalar_t* out, float* stats, float* x, const scalar_t* 
   stats[1] = rstd;
   const auto center = Simd::broadcast(mean), spread = Simd::broadcast(rstd);
   const auto dropout = dropout_of(epilogue);
+  const uint32_t key = epilogue.dropout ? epilogue.row_key(token_index) : 0;
   for (int64_t j = 0; j < blocks_end; j += Simd::kBlock) {
     auto value = Simd::fmadd(Simd::mul(Simd::sub(Simd::load(x + j), center), spread), Simd::load(row.weight + j),
                              Simd::load(row.bias + j));
-    if (epilogue.dropout) value = drop_block<scalar_t>(value, epilogue, dropout, first_element + j);
+    if (epilogue.dropout) value = drop_block<scalar_t>(value, dropout, key, j);
     Simd::template store<kStream>(out + j, value);
   }
   for (int64_t j = blocks_end; j < dim; ++j) {
-    out[j] = static_cast<scalar_t>(epilogue.drop((x[j] - mean) * rstd * row.weight[j] + row.bias[j], first_element + j));
+    out[j] = static_cast<scalar_t>(epilogue.drop((x[j] - mean) * rstd * row.weight[j] + row.bias[j], key, j));
   }
 }
 
@@ -132,17 +125,18 @@ void norm_forward_blocks(scalar_t* out, float* stats, float* x, const scalar_t* 
 template <typename scalar_t, typename position_t>
 void norm_backward_blocks(scalar_t* out, float* weight_partial, float* bias_partial, float* x, float* dy,
                           const scalar_t* grad, const float* stats, const scalar_t* token, const position_t* position,
-                          const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t first_element) {
+                          const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t token_index) {
   const NormEpilogue<float>& epilogue = row.epilogue;
   const int64_t dim = row.dim, blocks_end = dim - dim % Simd::kBlock;
   const float mean = stats[0], rstd = stats[1];
   const auto factor = Simd::broadcast(portable::canonical(scale));
   const auto center = Simd::broadcast(mean), spread = Simd::broadcast(rstd);
   const auto dropout = dropout_of(epilogue);
+  const uint32_t key = epilogue.dropout ? epilogue.row_key(token_index) : 0;
   auto g_sums = Simd::zero(), gx_sums = Simd::zero();
   for (int64_t j = 0; j < blocks_end; j += Simd::kBlock) {
     auto d = Simd::load(grad + j);
-    if (epilogue.dropout) d = drop_block<scalar_t>(d, epilogue, dropout, first_element + j);
+    if (epilogue.dropout) d = drop_block<scalar_t>(d, dropout, key, j);
     const auto sum = Simd::add(Simd::fmadd(Simd::load(token + j), factor, Simd::load(position + j)), Simd::load(segment + j));
     const auto x_hat = Simd::mul(Simd::sub(sum, center), spread);
     if (weight_partial != nullptr) Simd::template store<false>(weight_partial + j, Simd::fmadd(d, x_hat, Simd::load(weight_partial + j)));
@@ -155,7 +149,7 @@ void norm_backward_blocks(scalar_t* out, float* weight_partial, float* bias_part
   }
   float g_tail = 0, gx_tail = 0;
   for (int64_t j = blocks_end; j < dim; ++j) {
-    const float d = epilogue.drop(static_cast<float>(grad[j]), first_element + j);
+    const float d = epilogue.drop(static_cast<float>(grad[j]), key, j);
     x[j] = (combine(static_cast<float>(token[j]), scale, static_cast<float>(position[j]), static_cast<float>(segment[j])) - mean) * rstd;
     if (weight_partial != nullptr) weight_partial[j] += d * x[j];
     if (bias_partial != nullptr) bias_partial[j] += d;
@@ -174,15 +168,16 @@ void norm_backward_blocks(scalar_t* out, float* weight_partial, float* bias_part
 }
 
 template <typename scalar_t>
-void norm_masked_blocks(scalar_t* out, const scalar_t* grad, const NormRow<float>& row, uint64_t first_element) {
+void norm_masked_blocks(scalar_t* out, const scalar_t* grad, const NormRow<float>& row, uint64_t token_index) {
   const NormEpilogue<float>& epilogue = row.epilogue;
   const int64_t dim = row.dim, blocks_end = dim - dim % Simd::kBlock;
   const auto dropout = dropout_of(epilogue);
+  const uint32_t key = epilogue.row_key(token_index);
   for (int64_t j = 0; j < blocks_end; j += Simd::kBlock) {
-    Simd::template store<false>(out + j, drop_block<scalar_t>(Simd::load(grad + j), epilogue, dropout, first_element + j));
+    Simd::template store<false>(out + j, drop_block<scalar_t>(Simd::load(grad + j), dropout, key, j));
   }
   for (int64_t j = blocks_end; j < dim; ++j) {
-    out[j] = static_cast<scalar_t>(epilogue.drop(static_cast<float>(grad[j]), first_element + j));
+    out[j] = static_cast<scalar_t>(epilogue.drop(static_cast<float>(grad[j]), key, j));
   }
 }
 
@@ -207,25 +202,25 @@ void norm_masked_blocks(scalar_t* out, const scalar_t* grad, const NormRow<float
 
 #define EMBEDFAST_SIMD_NORM_ROW_LOOPS(scalar_t, position_t)                                                         \
   void norm_forward_rows(scalar_t* out, float* stats, float* x, const scalar_t* token, const position_t* position,   \
-                         const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t first_element,   \
+                         const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t token_index,   \
                          bool stream) {                                                                             \
     if (can_stream(out, stream)) {                                                                                  \
-      return norm_forward_blocks<true>(out, stats, x, token, position, segment, scale, row, first_element);        \
+      return norm_forward_blocks<true>(out, stats, x, token, position, segment, scale, row, token_index);        \
     }                                                                                                               \
-    norm_forward_blocks<false>(out, stats, x, token, position, segment, scale, row, first_element);                \
+    norm_forward_blocks<false>(out, stats, x, token, position, segment, scale, row, token_index);                \
   }                                                                                                                 \
   void norm_backward_rows(scalar_t* out, float* weight_partial, float* bias_partial, float* x, float* dy,            \
                           const scalar_t* grad, const float* stats, const scalar_t* token, const position_t* position, \
-                          const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t first_element) { \
+                          const scalar_t* segment, float scale, const NormRow<float>& row, uint64_t token_index) { \
     norm_backward_blocks(out, weight_partial, bias_partial, x, dy, grad, stats, token, position, segment, scale, row, \
-                         first_element);                                                                            \
+                         token_index);                                                                            \
   }
 #define EMBEDFAST_SIMD_ALL_ROW_LOOPS(scalar_t)                                                          \
   EMBEDFAST_SIMD_ROW_LOOPS(scalar_t)                                                                    \
   EMBEDFAST_SIMD_NORM_ROW_LOOPS(scalar_t, float)                                                        \
   void norm_masked_rows(scalar_t* out, float*, const scalar_t* grad, const NormRow<float>& row,        \
-                        uint64_t first_element) {                                                       \
-    norm_masked_blocks(out, grad, row, first_element);                                                  \
+                        uint64_t token_index) {                                                       \
+    norm_masked_blocks(out, grad, row, token_index);                                                  \
   }
 #define EMBEDFAST_SIMD_STORAGE_POSITION_LOOPS(scalar_t) \
   EMBEDFAST_SIMD_COMBINE_ROWS(scalar_t, scalar_t)       \

@@ -179,10 +179,11 @@ __global__ void __launch_bounds__(kNormThreads) norm_forward_kernel(
       stats[2 * n] = mean;
       stats[2 * n + 1] = rstd;
     }
+    const uint32_t key = epilogue.row_key(n);
     for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
       const acc y = (source.value(token, j) - mean) * rstd * parameter(norm_weight, j, acc(1)) +
                     parameter(norm_bias, j, acc(0));
-      out[n * dim + j] = static_cast<scalar_t>(epilogue.drop(y, static_cast<uint64_t>(n * dim + j)));
+      out[n * dim + j] = static_cast<scalar_t>(epilogue.drop(y, key, j));
     }
   }
 }
@@ -199,9 +200,8 @@ __global__ void __launch_bounds__(kNormThreads) norm_backward_kernel(
   const NormEpilogue<acc> epilogue = with_seed(epilogue_in, seed);
   const int64_t dim = source.dim;
   for (int64_t n = blockIdx.x; n < tokens; n += gridDim.x) {
-    const auto dy = [&](int64_t j) {
-      return epilogue.drop(static_cast<acc>(grad[n * dim + j]), static_cast<uint64_t>(n * dim + j));
-    };
+    const uint32_t key = epilogue.row_key(n);
+    const auto dy = [&](int64_t j) { return epilogue.drop(static_cast<acc>(grad[n * dim + j]), key, j); };
     if (epilogue.mode == NormMode::kNone) {
       for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) out[n * dim + j] = static_cast<scalar_t>(dy(j));
       continue;
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kNormThreads) norm_parameter_partials_kernel(
     const int64_t last = tokens - first < kNormTokensPerBlock ? tokens : first + kNormTokensPerBlock;
     acc weight_sum = 0, bias_sum = 0;
     for (int64_t n = first; n < last; ++n) {
-      const acc dy = epilogue.drop(static_cast<acc>(grad[n * dim + j]), static_cast<uint64_t>(n * dim + j));
+      const acc dy = epilogue.drop(static_cast<acc>(grad[n * dim + j]), epilogue.row_key(n), j);
       weight_sum += dy * ((source.value(source.token(n), j) - stats[2 * n]) * stats[2 * n + 1]);
       bias_sum += dy;
     }

@@ -58,8 +58,9 @@ C10_HOST_DEVICE inline T combine(T token, T scale, T position, T segment) {
   return token * scale + position + segment;
 }
 
-// The dropout of the norm operators (embedfast/dropout.py): two rounds of MurmurHash3's 32-bit finaliser over
-// element e = n * D + d and the seed; element e is kept when its bits are >= dropout_threshold(p).
+// The dropout of the norm operators (embedfast/dropout.py): element (n, d), token n's column d, is kept when its
+// bits fmix32(d ^ key(n)) are >= dropout_threshold(p), key(n) being two rounds of MurmurHash3's 32-bit finaliser over
+// the token index and the seed: two rounds a row, one an element.
 C10_HOST_DEVICE inline uint32_t fmix32(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
@@ -68,20 +69,12 @@ C10_HOST_DEVICE inline uint32_t fmix32(uint32_t h) {
   return h ^ (h >> 16);
 }
 
-// The second round's key of the elements whose high 32 bits are `high`: a row's elements share it (but at a
-// multiple of 2^32), so a row loop works on 32-bit lanes.
-C10_HOST_DEVICE inline uint32_t dropout_key(uint64_t seed, uint32_t high) {
-  return static_cast<uint32_t>(seed >> 32) ^ (high * 0x9E3779B9u);
+C10_HOST_DEVICE inline uint32_t dropout_row_key(uint64_t seed, uint64_t row) {
+  const uint32_t mixed = fmix32(static_cast<uint32_t>(row) ^ static_cast<uint32_t>(seed));
+  return fmix32(mixed ^ static_cast<uint32_t>(seed >> 32) ^ (static_cast<uint32_t>(row >> 32) * 0x9E3779B9u));
 }
 
-C10_HOST_DEVICE inline uint32_t dropout_bits(uint32_t seed_low, uint32_t key, uint32_t low) {
-  return fmix32(fmix32(low ^ seed_low) ^ key);
-}
-
-C10_HOST_DEVICE inline uint32_t dropout_bits(uint64_t seed, uint64_t element) {
-  return dropout_bits(static_cast<uint32_t>(seed), dropout_key(seed, static_cast<uint32_t>(element >> 32)),
-                      static_cast<uint32_t>(element));
-}
+C10_HOST_DEVICE inline uint32_t dropout_bits(uint32_t row_key, uint32_t column) { return fmix32(column ^ row_key); }
 
 // spec.dropout_threshold: min(int(p * 2**32), 2**32 - 1), p in [0, 1)
 C10_HOST_DEVICE inline uint32_t dropout_threshold(double p) {
@@ -114,10 +107,13 @@ struct NormEpilogue {
   T keep_scale;        // dropout_scale(p)
   bool dropout;        // p > 0
 
-  C10_HOST_DEVICE bool kept(uint64_t element) const { return dropout_bits(seed, element) >= threshold; }
-  // a value after the dropout: zero when dropped, else scaled
-  C10_HOST_DEVICE T drop(T value, uint64_t element) const {
-    return !dropout ? value : kept(element) ? value * keep_scale : T(0);
+  C10_HOST_DEVICE uint32_t row_key(uint64_t row) const { return dropout_row_key(seed, row); }
+  C10_HOST_DEVICE bool kept(uint32_t key, int64_t column) const {
+    return dropout_bits(key, static_cast<uint32_t>(column)) >= threshold;
+  }
+  // a value after the dropout: zero when dropped, else scaled; key: row_key(row) of the value's row
+  C10_HOST_DEVICE T drop(T value, uint32_t key, int64_t column) const {
+    return !dropout ? value : kept(key, column) ? value * keep_scale : T(0);
   }
 };
 
