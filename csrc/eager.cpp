@@ -27,28 +27,16 @@ namespace py = pybind11;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-const c10::OperatorHandle& forward_operator() {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::forward_extension", "");
-  return op;
-}
+// The extension's operators, looked up once (ops.define_ops declares them together).
+struct Operators {
+  c10::OperatorHandle forward, backward, norm_forward, norm_backward;
+};
 
-const c10::OperatorHandle& backward_operator() {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::backward_extension", "");
-  return op;
-}
-
-const c10::OperatorHandle& norm_forward_operator() {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::norm_forward_extension", "");
-  return op;
-}
-
-const c10::OperatorHandle& norm_backward_operator() {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("embedfast::norm_backward_extension", "");
-  return op;
+const Operators& operators() {
+  const auto find = [](const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); };
+  static const Operators ops{find("embedfast::forward_extension"), find("embedfast::backward_extension"),
+                             find("embedfast::norm_forward_extension"), find("embedfast::norm_backward_extension")};
+  return ops;
 }
 
 // Calls an operator by its stack; below autograd unless a graph of the call is wanted (double backward goes
@@ -86,8 +74,6 @@ SavedVariable saved(const std::optional<at::Tensor>& tensor) {
   return tensor.has_value() ? SavedVariable(*tensor, /*is_output=*/false) : SavedVariable();
 }
 
-int64_t rows_of(const std::optional<at::Tensor>& table) { return table.has_value() ? table->size(0) : 0; }
-
 // An argument's value into a node's constants; tensors are saved as SavedVariables instead.
 template <typename T>
 void copy_constant(T& to, const T& from) {
@@ -101,10 +87,10 @@ inline void copy_constant(std::optional<at::Tensor>&, const std::optional<at::Te
 // padding rows gathered away, the position and segment gradients).
 struct TableGradients {
   SavedVariable input_ids, position_ids, token_type_ids, cu_seqlens;  // undefined where not given
+  bool sparse = true;
   // the backward's arguments but the tensors and the token gradient; num_positions and num_segments are the
   // tables' rows (0: no table)
   BackwardArgs constants;
-  bool sparse = true;
 
   TableGradients() = default;
   TableGradients(const ForwardArgs& args, int64_t padding_idx, bool sparse_gradient)
@@ -112,19 +98,11 @@ struct TableGradients {
         position_ids(saved(args.position_ids)),
         token_type_ids(saved(args.token_type_ids)),
         cu_seqlens(saved(args.cu_seqlens)),
-        sparse(sparse_gradient) {
-    constants.num_embeddings = args.weight.size(0);
+        sparse(sparse_gradient),
+        constants(backward_of(args, at::Tensor())) {
     constants.padding_idx = padding_idx;
-    constants.scale = args.scale;
-    constants.num_positions = rows_of(args.position_weight);
-    constants.num_segments = rows_of(args.segment_weight);
-    constants.position_offset = args.position_offset;
-    constants.seq_len = args.seq_len;
-    constants.check_bounds = args.check_bounds;
-    constants.vocab_start = args.vocab_start;
-    constants.vocab_size = args.vocab_size;
-    constants.chunk_start = args.chunk_start;
-    constants.chunk_end = args.chunk_end;
+    constants.input_ids = at::Tensor();  // the index tensors are kept as the SavedVariables above
+    constants.position_ids = constants.token_type_ids = constants.cu_seqlens = std::nullopt;
   }
 
   void reset() {
@@ -176,7 +154,7 @@ struct TableGradients {
     args.token_grad = token_grad;
     args.num_positions = wants_positions ? constants.num_positions : 0;
     args.num_segments = wants_segments ? constants.num_segments : 0;
-    const torch::jit::Stack result = call(backward_operator(), args.pack(), c10::GradMode::is_enabled());
+    const torch::jit::Stack result = call(operators().backward, args.pack(), c10::GradMode::is_enabled());
     return finish(result, ids, token_grad, gather_rows, grad_sum, constants.scale, wants_positions, wants_segments);
   }
 };
@@ -244,7 +222,7 @@ struct FusedNormEmbeddingBackward : public torch::autograd::Node {
     args.position_grad = wants_positions;
     args.segment_grad = wants_segments;
     // with create_graph through the operator's autograd kernel, which refuses a double backward
-    const torch::jit::Stack result = call(norm_backward_operator(), args.pack(), c10::GradMode::is_enabled());
+    const torch::jit::Stack result = call(operators().norm_backward, args.pack(), c10::GradMode::is_enabled());
     variable_list gradients =
         tables.finish(result, ids, token_grad, gather_rows, result[0].toTensor(), 1.0, wants_positions, wants_segments);
     gradients.push_back(wants_norm_weight ? result[3].toTensor() : at::Tensor());
@@ -272,7 +250,7 @@ auto make_node() {
 // The forward operator's result as (*leading, D); differentiable (the node above) when grad mode is on and a
 // table needs a gradient.
 at::Tensor fused_forward(const ForwardArgs& args, int64_t padding_idx, bool sparse, c10::IntArrayRef leading) {
-  const at::Tensor out = shaped(call(forward_operator(), args.pack(), /*record_autograd=*/false)[0].toTensor(), leading);
+  const at::Tensor out = shaped(call(operators().forward, args.pack(), /*record_autograd=*/false)[0].toTensor(), leading);
   if (!torch::autograd::compute_requires_grad(args.weight, args.position_weight, args.segment_weight)) return out;
   auto node = make_node<FusedInputEmbeddingBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(args.weight, args.position_weight, args.segment_weight));
@@ -284,7 +262,7 @@ at::Tensor fused_forward(const ForwardArgs& args, int64_t padding_idx, bool spar
 // The norm forward operator's output as (*leading, D); differentiable (FusedNormEmbeddingBackward) when grad mode
 // is on and a table, norm_weight or norm_bias needs a gradient.
 at::Tensor fused_norm_forward(const NormForwardArgs& args, int64_t padding_idx, bool sparse, c10::IntArrayRef leading) {
-  const torch::jit::Stack result = call(norm_forward_operator(), args.pack(), /*record_autograd=*/false);
+  const torch::jit::Stack result = call(operators().norm_forward, args.pack(), /*record_autograd=*/false);
   const at::Tensor out = shaped(result[0].toTensor(), leading);
   if (!torch::autograd::compute_requires_grad(args.weight, args.position_weight, args.segment_weight, args.norm_weight,
                                               args.norm_bias)) {

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .positions import chunk_tokens, token_positions
 from .reference import reference_backward, reference_forward, reference_norm_backward, reference_norm_forward
 from .spec import (BackwardInputs, ForwardInputs, GradientOptions, NormBackwardInputs, NormInputs, PositionMode, TokenGrad,
-                   compute_dtype, schema, table_backward_inputs)
+                   backward_inputs, compute_dtype, schema, table_backward_inputs)
 
 _NUM_FORWARD = len(ForwardInputs._fields)
 _NUM_BACKWARD = len(BackwardInputs._fields)
@@ -246,14 +246,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _set_backward_inputs(ctx, forward: ForwardInputs, options: GradientOptions) -> None:
-    # the backward's inputs but the tensors and what the backward decides from ctx.needs_input_grad
-    ctx.backward_inputs = BackwardInputs(
-        grad_out=None, input_ids=None, num_embeddings=forward.weight.shape[0], padding_idx=options.padding_idx,
-        scale=forward.scale, position_offset=forward.position_offset, seq_len=forward.seq_len,
-        check_bounds=forward.check_bounds, vocab_start=forward.vocab_start, vocab_size=forward.vocab_size,
-        chunk_start=forward.chunk_start, chunk_end=forward.chunk_end,
-        num_positions=forward.position_weight.shape[0] if forward.position_weight is not None else 0,
-        num_segments=forward.segment_weight.shape[0] if forward.segment_weight is not None else 0)
+    # the backward's inputs but the tensors (saved) and what the backward decides from ctx.needs_input_grad
+    ctx.backward_inputs = backward_inputs(forward, None)._replace(
+        padding_idx=options.padding_idx, **dict.fromkeys(_INDEX_NAMES))
     ctx.sparse = options.sparse
 
 

@@ -199,16 +199,24 @@ NormInputs = _inputs_type("NormInputs", _NORM)
 NormBackwardInputs = _inputs_type("NormBackwardInputs", _NORM_BACKWARD)
 
 
+def backward_inputs(inputs, grad_out: torch.Tensor | None) -> BackwardInputs:
+    """The plain backward's inputs for a forward's (``ForwardInputs``, ``NormBackwardInputs``) and ``grad_out``: the
+    fields of the same name (index tensors, constants), and every table's rows (``spec.h`` mirrors it:
+    ``backward_of``)."""
+    def rows(table):
+        return table.shape[0] if table is not None else 0
+
+    shared = {name: getattr(inputs, name) for name in BackwardInputs._fields if name in inputs._fields}
+    return BackwardInputs(**{**shared, "grad_out": grad_out}, num_embeddings=inputs.weight.shape[0],
+                          num_positions=rows(inputs.position_weight), num_segments=rows(inputs.segment_weight))
+
+
 def table_backward_inputs(args: NormBackwardInputs, grad_sum: torch.Tensor) -> BackwardInputs:
     """The plain backward's inputs for ``grad_sum``, the gradient of a norm backward's sum: the table gradients
     that norm backward asks for (``spec.h`` mirrors it: ``backward_part``)."""
-    def rows(table, wanted):
-        return table.shape[0] if wanted and table is not None else 0
-
-    shared = {name: getattr(args, name) for name in BackwardInputs._fields if name in NormBackwardInputs._fields}
-    return BackwardInputs(**shared, num_embeddings=args.weight.shape[0],
-                          num_positions=rows(args.position_weight, args.position_grad),
-                          num_segments=rows(args.segment_weight, args.segment_grad))._replace(grad_out=grad_sum)
+    inputs = backward_inputs(args, grad_sum)
+    return inputs._replace(num_positions=inputs.num_positions if args.position_grad else 0,
+                           num_segments=inputs.num_segments if args.segment_grad else 0)
 
 
 DROPOUT_SEED_BOUND = 2**62

@@ -287,7 +287,7 @@ def norm_backward_triton(*inputs):
     segments_here = 0 < tables.num_segments <= MAX_REGISTER_SEGMENTS
     sparse, dense = args.token_grad == TokenGrad.SPARSE, args.token_grad == TokenGrad.DENSE
     backward = _BackwardPass(
-        grad=args.grad_out, partials=torch.zeros((programs, 2, dim), **math), weight_grad=wanted[0],
+        grad=args.grad_out, partials=torch.zeros((programs if any(wanted) else 0, 2, dim), **math), weight_grad=wanted[0],
         bias_grad=wanted[1],
         write_grad_sum=dense or (tables.num_positions > 0 and not position_tiles) or (tables.num_segments > 0 and not segments_here),
         values=torch.empty((num_tokens, dim), **like) if sparse else None,

@@ -278,20 +278,34 @@ ForwardArgs forward_part(const Args& args) {
   return forward;
 }
 
-// The plain backward's arguments for grad_sum, the gradient of a norm backward's sum: the table gradients that
-// norm backward asks for.
-inline BackwardArgs backward_part(const NormBackwardArgs& args, at::Tensor grad_sum) {
+// The plain backward's arguments for a forward's (ForwardArgs, or the norm operators' arguments) and grad_out: its
+// index tensors and constants, every table's rows; token_grad NONE, padding_idx -1 (spec.backward_inputs).
+template <typename Args>
+BackwardArgs backward_of(const Args& args, at::Tensor grad_out) {
+  const auto rows = [](const std::optional<at::Tensor>& table) { return table.has_value() ? table->size(0) : 0; };
   BackwardArgs backward;
-  backward.grad_out = std::move(grad_sum);
+  backward.grad_out = std::move(grad_out);
   backward.num_embeddings = args.weight.size(0);
-  backward.num_positions = args.position_grad && args.position_weight.has_value() ? args.position_weight->size(0) : 0;
-  backward.num_segments = args.segment_grad && args.segment_weight.has_value() ? args.segment_weight->size(0) : 0;
+  backward.num_positions = rows(args.position_weight);
+  backward.num_segments = rows(args.segment_weight);
+  backward.token_grad = TokenGrad::kNone;
+  backward.padding_idx = -1;
 #define EMBEDFAST_COPY(name) backward.name = args.name;
   EMBEDFAST_COPY(input_ids) EMBEDFAST_COPY(position_ids) EMBEDFAST_COPY(token_type_ids) EMBEDFAST_COPY(cu_seqlens)
-  EMBEDFAST_COPY(token_grad) EMBEDFAST_COPY(padding_idx) EMBEDFAST_COPY(scale) EMBEDFAST_COPY(position_offset)
-  EMBEDFAST_COPY(seq_len) EMBEDFAST_COPY(check_bounds) EMBEDFAST_COPY(vocab_start) EMBEDFAST_COPY(vocab_size)
-  EMBEDFAST_COPY(chunk_start) EMBEDFAST_COPY(chunk_end)
+  EMBEDFAST_COPY(scale) EMBEDFAST_COPY(position_offset) EMBEDFAST_COPY(seq_len) EMBEDFAST_COPY(check_bounds)
+  EMBEDFAST_COPY(vocab_start) EMBEDFAST_COPY(vocab_size) EMBEDFAST_COPY(chunk_start) EMBEDFAST_COPY(chunk_end)
 #undef EMBEDFAST_COPY
+  return backward;
+}
+
+// The plain backward's arguments for grad_sum, the gradient of a norm backward's sum: the table gradients that
+// norm backward asks for (spec.table_backward_inputs).
+inline BackwardArgs backward_part(const NormBackwardArgs& args, at::Tensor grad_sum) {
+  BackwardArgs backward = backward_of(args, std::move(grad_sum));
+  backward.token_grad = args.token_grad;
+  backward.padding_idx = args.padding_idx;
+  if (!args.position_grad) backward.num_positions = 0;
+  if (!args.segment_grad) backward.num_segments = 0;
   return backward;
 }
 
