@@ -42,7 +42,7 @@ def _forward_inputs(dtype, dim, *, batch=3, seq_len=8, vocab=50, position="learn
                 "concat": PositionMode.CONCAT}[position]
         kwargs["position_mode"] = mode
         if mode == PositionMode.LEARNED:
-            kwargs["position_weight"] = torch.randn(40, dim, dtype=dtype)
+            kwargs["position_weight"] = torch.randn(max(40, seq_len), dim, dtype=dtype)
         if explicit_positions:
             kwargs["position_ids"] = torch.randint(0, 40, (tokens,), dtype=ids_dtype)
         elif packed:
@@ -131,6 +131,10 @@ POSITIONS = {
     "shard": dict(shard=True),
     "chunk": dict(chunk=True, position="concat"),
     "long-sequence": dict(batch=2, seq_len=300, position="interleaved"),
+    # CUDA: default positions in tiles of two (more than 1024 of them), a chunk's position rows, segment sums by key
+    "learned-long-sequence": dict(batch=2, seq_len=1100, position="learned"),
+    "learned-chunk": dict(chunk=True, position="learned"),
+    "many-segments": dict(segments=17),
 }
 
 

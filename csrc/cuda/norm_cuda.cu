@@ -5,10 +5,15 @@
 // row is in L1 after the first pass, and no dim is too large. The row's sums (mean, variance, the backward's two
 // means) are block reductions in a fixed order: warp shuffles, then the warps' sums in warp order. Math in float32
 // (float64 for float64 tables). The dropout mask is regenerated from the seed, which the kernels read from device
-// memory: no host synchronization, CUDA-graph safe. The norm_weight / norm_bias gradients: per block of
-// kNormTokensPerBlock tokens, each thread sums its column over the block's tokens in order; a second kernel adds the
-// blocks' sums in block order. The tables' gradients are then the plain backward's (backward_cuda) of the sum's
-// gradient, grad_sum. No float atomics: every result is bitwise reproducible.
+// memory: no host synchronization, CUDA-graph safe.
+// The backward is one pass over grad_out, a block per unit of tokens (BackwardWalk): kNormTokensPerBlock consecutive
+// tokens, or, for default positions, a tile of positions walked over the sequences, so that the block sums each of
+// its position rows whole. Each token's row of the sum's gradient is used at once: written as the sparse values,
+// added to the unit's norm weight / bias and segment partial rows, and to its running position row. A thread owns
+// the same columns for every token of its unit, so the unit's rows need no atomics; a second kernel adds the units'
+// rows in unit order. grad_sum is stored only where a gradient is then summed by key (dense token gradients,
+// explicit or packed positions, more than kMaxPartialSegments segments: the plain backward's kernels,
+// backward_cuda). No float atomics: every result is bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -28,7 +33,9 @@ namespace embedfast {
 namespace {
 
 constexpr int kNormThreads = 256;
-constexpr int64_t kNormTokensPerBlock = 64;  // the norm parameter gradients' partial sums: fixed, as on the CPU
+constexpr int64_t kNormTokensPerBlock = 64;  // a backward unit of consecutive tokens: fixed, as on the CPU
+constexpr int64_t kMaxPositionUnits = 1024;  // default positions: the period in at most this many tiles
+constexpr int64_t kMaxPartialSegments = 16;  // per-unit segment sums; more segments are summed by key
 constexpr int64_t kMaxNormBlocks = int64_t{1} << 20;
 
 // The forward's sum of any element of any token, from the tables.
@@ -188,70 +195,119 @@ __global__ void __launch_bounds__(kNormThreads) norm_forward_kernel(
   }
 }
 
-// grad_sum: NONE, the masked grad_out; else rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w (RMSNORM
-// without mean(g)).
-template <typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kNormThreads) norm_backward_kernel(
-    SumSource<scalar_t, index_t> source, NormEpilogue<math_t<scalar_t>> epilogue_in, const int64_t* __restrict__ seed,
-    const scalar_t* __restrict__ norm_weight, const scalar_t* __restrict__ grad, const math_t<scalar_t>* __restrict__ stats,
-    scalar_t* __restrict__ out, int64_t tokens) {
+// What the backward kernel writes besides what it reads; a null pointer is not made.
+template <typename scalar_t>
+struct BackwardOutputs {
   using acc = math_t<scalar_t>;
-  __shared__ acc shared[32];
-  const NormEpilogue<acc> epilogue = with_seed(epilogue_in, seed);
+  scalar_t* grad_sum;      // (tokens, dim): the sum's gradient, for the sums by key made after the kernel
+  scalar_t* values;        // (tokens, dim): the sparse token rows, grad_sum * scale
+  acc* weight_partials;    // (units, dim): per unit, the sum of dy * x_hat over its tokens in order
+  acc* bias_partials;      // (units, dim): per unit, the sum of dy
+  acc* segment_partials;   // (units, num_segments, dim): per unit, grad_sum summed per segment (tokens in the chunk)
+  int64_t num_segments;
+  scalar_t* position_grad;  // (num_positions, dim), zeros: the position rows of the walk's tiles (default positions)
+  acc* position_sums;       // (units, dim), zeros: a unit's running position row
+};
+
+// The backward's units of work, one block at a time each (grid-strided), fixed by the shape alone so that the
+// partial sums and their order do not vary: `tokens_per_unit` consecutive tokens, or (tiles) `tile` consecutive
+// default positions of the period, each summed over the sequences in order before the next.
+struct BackwardWalk {
+  int64_t units;
+  int64_t tokens_per_unit;
+  bool tiles;
+  int64_t period;
+  int64_t tile;
+};
+
+// One token's row of the backward, the block's threads along its columns: dy = grad_out with the forward's mask;
+// grad_sum = NONE: dy; else rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w (RMSNORM without mean(g)),
+// rounded to the storage dtype as stored; then, per column (each a thread's, the same for every token of the unit,
+// so the unit's partial rows need no atomics), what `outs` asks for. `position`: add grad_sum to the unit's
+// position row.
+template <typename scalar_t, typename index_t>
+__device__ void backward_row(const SumSource<scalar_t, index_t>& source, const NormEpilogue<math_t<scalar_t>>& epilogue,
+                             const scalar_t* __restrict__ norm_weight, const scalar_t* __restrict__ grad,
+                             const math_t<scalar_t>* __restrict__ stats, const BackwardOutputs<scalar_t>& outs,
+                             int64_t n, int64_t unit, bool position, math_t<scalar_t>* shared) {
+  using acc = math_t<scalar_t>;
   const int64_t dim = source.dim;
-  for (int64_t n = blockIdx.x; n < tokens; n += gridDim.x) {
-    const uint32_t key = epilogue.row_key(n);
-    const auto dy = [&](int64_t j) { return epilogue.drop(static_cast<acc>(grad[n * dim + j]), key, j); };
-    if (epilogue.mode == NormMode::kNone) {
-      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) out[n * dim + j] = static_cast<scalar_t>(dy(j));
-      continue;
-    }
-    const auto token = source.token(n);
-    const acc mean = stats[2 * n], rstd = stats[2 * n + 1];
+  const uint32_t key = epilogue.row_key(n);
+  const auto dy = [&](int64_t j) { return epilogue.drop(static_cast<acc>(grad[n * dim + j]), key, j); };
+  const bool norm = epilogue.mode != NormMode::kNone;
+  const auto token = source.token(n);
+  const acc mean = norm ? stats[2 * n] : acc(0), rstd = norm ? stats[2 * n + 1] : acc(1);
+  acc mean_g = 0, mean_gx = 0;
+  if (norm) {
     acc sum_g = 0, sum_gx = 0;
     for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
       const acc g = rounded_product(dy(j), parameter(norm_weight, j, acc(1)));
       sum_g += g;
       sum_gx += g * ((source.value(token, j) - mean) * rstd);
     }
-    const acc mean_g =
-        epilogue.mode == NormMode::kLayernorm ? block_sum(sum_g, shared) / static_cast<acc>(dim) : acc(0);
-    const acc mean_gx = block_sum(sum_gx, shared) / static_cast<acc>(dim);
-    for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
-      const acc g = rounded_product(dy(j), parameter(norm_weight, j, acc(1)));
-      const acc x_hat = (source.value(token, j) - mean) * rstd;
-      out[n * dim + j] = static_cast<scalar_t>(rstd * (g - mean_g - x_hat * mean_gx));
+    if (epilogue.mode == NormMode::kLayernorm) mean_g = block_sum(sum_g, shared) / static_cast<acc>(dim);
+    mean_gx = block_sum(sum_gx, shared) / static_cast<acc>(dim);
+  }
+  const bool side = token.side;  // the token took the position and segment terms
+  const int64_t segment = outs.segment_partials != nullptr && side
+                              ? (source.segment_ids != nullptr ? static_cast<int64_t>(source.segment_ids[n]) : 0)
+                              : -1;
+  acc* segment_row = segment >= 0 ? outs.segment_partials + (unit * outs.num_segments + segment) * dim : nullptr;
+  acc* position_row = position && side ? outs.position_sums + unit * dim : nullptr;
+  for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+    const acc d = dy(j);
+    acc result = d, x_hat = 0;
+    if (norm) {
+      const acc g = rounded_product(d, parameter(norm_weight, j, acc(1)));
+      x_hat = (source.value(token, j) - mean) * rstd;
+      result = rstd * (g - mean_g - x_hat * mean_gx);
     }
+    const scalar_t stored = static_cast<scalar_t>(result);
+    const acc sum = static_cast<acc>(stored);  // as stored: the tables' gradients sum it
+    if (outs.grad_sum != nullptr) outs.grad_sum[n * dim + j] = stored;
+    if (outs.values != nullptr) outs.values[n * dim + j] = static_cast<scalar_t>(sum * source.scale);
+    if (outs.weight_partials != nullptr) outs.weight_partials[unit * dim + j] += d * x_hat;
+    if (outs.bias_partials != nullptr) outs.bias_partials[unit * dim + j] += d;
+    if (segment_row != nullptr) segment_row[j] += sum;
+    if (position_row != nullptr) position_row[j] += sum;
   }
 }
 
-// Per block of kNormTokensPerBlock tokens (along y, grid-strided) and column (x): sum of dy * x_hat and of dy over the block's
-// tokens, in token order (either output may be null).
 template <typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kNormThreads) norm_parameter_partials_kernel(
+__global__ void __launch_bounds__(kNormThreads) norm_backward_kernel(
     SumSource<scalar_t, index_t> source, NormEpilogue<math_t<scalar_t>> epilogue_in, const int64_t* __restrict__ seed,
-    const scalar_t* __restrict__ grad, const math_t<scalar_t>* __restrict__ stats, math_t<scalar_t>* __restrict__ weight_partials,
-    math_t<scalar_t>* __restrict__ bias_partials, int64_t tokens) {
+    const scalar_t* __restrict__ norm_weight, const scalar_t* __restrict__ grad, const math_t<scalar_t>* __restrict__ stats,
+    BackwardOutputs<scalar_t> outs, BackwardWalk walk, int64_t tokens) {
   using acc = math_t<scalar_t>;
+  __shared__ acc shared[32];
   const NormEpilogue<acc> epilogue = with_seed(epilogue_in, seed);
   const int64_t dim = source.dim;
-  const int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (j >= dim) return;
-  for (int64_t block = blockIdx.y; block * kNormTokensPerBlock < tokens; block += gridDim.y) {
-    const int64_t first = block * kNormTokensPerBlock;
-    const int64_t last = tokens - first < kNormTokensPerBlock ? tokens : first + kNormTokensPerBlock;
-    acc weight_sum = 0, bias_sum = 0;
-    for (int64_t n = first; n < last; ++n) {
-      const acc dy = epilogue.drop(static_cast<acc>(grad[n * dim + j]), epilogue.row_key(n), j);
-      weight_sum += dy * ((source.value(source.token(n), j) - stats[2 * n]) * stats[2 * n + 1]);
-      bias_sum += dy;
+  for (int64_t unit = blockIdx.x; unit < walk.units; unit += gridDim.x) {
+    if (!walk.tiles) {
+      const int64_t first = unit * walk.tokens_per_unit, last = min(tokens, first + walk.tokens_per_unit);
+      for (int64_t n = first; n < last; ++n) {
+        backward_row(source, epilogue, norm_weight, grad, stats, outs, n, unit, false, shared);
+      }
+      continue;
     }
-    if (weight_partials != nullptr) weight_partials[block * dim + j] = weight_sum;
-    if (bias_partials != nullptr) bias_partials[block * dim + j] = bias_sum;
+    const int64_t first = unit * walk.tile, last = min(walk.period, first + walk.tile);
+    for (int64_t column = first; column < last; ++column) {
+      for (int64_t n = column; n < tokens; n += walk.period) {
+        backward_row(source, epilogue, norm_weight, grad, stats, outs, n, unit, true, shared);
+      }
+      // the position row is complete: stored, and the unit's running row cleared for the next (each column is
+      // this thread's alone, as in backward_row)
+      scalar_t* position_row = outs.position_grad + (source.offset + column) * dim;
+      for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) {
+        acc& sum = outs.position_sums[unit * dim + j];
+        position_row[j] = static_cast<scalar_t>(sum);
+        sum = 0;
+      }
+    }
   }
 }
 
-unsigned norm_grid(int64_t tokens) { return static_cast<unsigned>(std::min(tokens, kMaxNormBlocks)); }
+unsigned norm_grid(int64_t units) { return static_cast<unsigned>(std::min(units, kMaxNormBlocks)); }
 
 std::tuple<at::Tensor, at::Tensor> norm_forward_cuda(const NormForwardArgs& args) {
   const c10::cuda::OptionalCUDAGuard guard(cuda_device_of(args.weight));
@@ -283,54 +339,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_back
   const bool norm = args.norm_mode != NormMode::kNone;
   const bool weight_grad = norm && args.norm_grads && args.norm_weight.has_value();
   const bool bias_grad = norm && args.norm_grads && args.norm_bias.has_value();
+  const bool sparse = args.token_grad == TokenGrad::kSparse, dense = args.token_grad == TokenGrad::kDense;
   at::Tensor grad_sum = at::empty({tokens, dim}, args.weight.options());
+  // the table gradients asked for; what the kernel does not make is summed by key from grad_sum afterwards
+  BackwardArgs rest = backward_part(args, grad_sum);
+  if (dim == 0 || tokens == 0) {
+    auto [token_grad, position_grad, segment_grad] = backward_cuda(rest);
+    return {token_grad, position_grad, segment_grad, at::zeros({weight_grad ? dim : 0}, args.weight.options()),
+            at::zeros({bias_grad ? dim : 0}, args.weight.options())};
+  }
+  const bool tiles = rest.num_positions > 0 && !args.position_ids.has_value() && !args.cu_seqlens.has_value();
+  const bool segments_here = rest.num_segments > 0 && rest.num_segments <= kMaxPartialSegments;
+  const bool write_grad_sum = dense || (rest.num_positions > 0 && !tiles) || (rest.num_segments > 0 && !segments_here);
+  BackwardWalk walk{0, kNormTokensPerBlock, tiles, std::min(std::max<int64_t>(args.seq_len, 1), tokens), 1};
+  if (tiles) {
+    walk.tile = (walk.period + kMaxPositionUnits - 1) / kMaxPositionUnits;
+    walk.units = (walk.period + walk.tile - 1) / walk.tile;
+  } else {
+    walk.units = (tokens + kNormTokensPerBlock - 1) / kNormTokensPerBlock;
+  }
+  const auto math_options = args.weight.options().dtype(math_dtype);
+  at::Tensor values = at::empty({sparse ? tokens : 0, dim}, args.weight.options());
+  at::Tensor weight_partials = at::zeros({weight_grad ? walk.units : 0, dim}, math_options);
+  at::Tensor bias_partials = at::zeros({bias_grad ? walk.units : 0, dim}, math_options);
+  const int64_t partial_segments = segments_here ? rest.num_segments : 0;
+  at::Tensor segment_partials = at::zeros({partial_segments > 0 ? walk.units : 0, partial_segments, dim}, math_options);
+  at::Tensor position_grad = at::zeros({tiles ? rest.num_positions : 0, dim}, args.weight.options());
+  at::Tensor position_sums = at::zeros({tiles ? walk.units : 0, dim}, math_options);
   // (0,) when not wanted, each its own tensor: outputs never alias
   at::Tensor weight_out = at::empty({weight_grad ? dim : 0}, args.weight.options());
   at::Tensor bias_out = at::empty({bias_grad ? dim : 0}, args.weight.options());
-  const int64_t blocks = (tokens + kNormTokensPerBlock - 1) / kNormTokensPerBlock;
-  const auto partial_options = args.weight.options().dtype(math_dtype);
-  at::Tensor weight_partials = weight_grad ? at::empty({blocks, dim}, partial_options) : at::Tensor();
-  at::Tensor bias_partials = bias_grad ? at::empty({blocks, dim}, partial_options) : at::Tensor();
-  // the tables' gradients from grad_sum: a second pass, over grad_sum (the CPU kernel fuses it, spec.py)
-  const auto with_table_grads = [&] {
-    auto [token_grad, position_grad, segment_grad] = backward_cuda(backward_part(args, grad_sum));
-    return std::tuple{token_grad, position_grad, segment_grad, weight_out, bias_out};
-  };
-  if (dim == 0) return with_table_grads();
+  at::Tensor segment_grad = at::empty({partial_segments, dim}, args.weight.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_INDEX_TYPES(args.input_ids.scalar_type(), "embedfast_norm_backward_cuda", [&] {
     EMBEDFAST_DISPATCH_TABLE_TYPES(dtype, "embedfast_norm_backward_cuda", [&] {
       using acc = math_t<scalar_t>;
-      const auto source = sum_source<scalar_t, index_t>(forward);
-      const auto epilogue = norm_epilogue<acc>(args);
-      const int64_t* seed = data_or_null<int64_t>(args.dropout_seed);
-      const scalar_t* grad = args.grad_out.data_ptr<scalar_t>();
-      const acc* stats = args.stats.data_ptr<acc>();
-      if (tokens > 0) {
-        norm_backward_kernel<scalar_t, index_t><<<norm_grid(tokens), kNormThreads, 0, stream>>>(
-            source, epilogue, seed, data_or_null<scalar_t>(args.norm_weight), grad, stats,
-            grad_sum.data_ptr<scalar_t>(), tokens);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      if (!weight_grad && !bias_grad) return;
-      const unsigned columns = static_cast<unsigned>((dim + kNormThreads - 1) / kNormThreads);
-      acc* weight_rows = weight_grad ? weight_partials.data_ptr<acc>() : nullptr;
-      acc* bias_rows = bias_grad ? bias_partials.data_ptr<acc>() : nullptr;
-      if (blocks > 0) {
-        norm_parameter_partials_kernel<scalar_t, index_t><<<dim3(columns, static_cast<unsigned>(std::min<int64_t>(blocks, 65535))), kNormThreads, 0,
-                                                            stream>>>(source, epilogue, seed, grad, stats, weight_rows,
-                                                                      bias_rows, tokens);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-      for (auto [partials, result] : {std::pair{weight_rows, &weight_out}, std::pair{bias_rows, &bias_out}}) {
-        if (partials == nullptr) continue;
-        sum_partials_kernel<scalar_t><<<columns, kNormThreads, 0, stream>>>(partials, result->data_ptr<scalar_t>(),
-                                                                                 blocks, dim);
+      const BackwardOutputs<scalar_t> outs{write_grad_sum ? grad_sum.data_ptr<scalar_t>() : nullptr,
+                                           sparse ? values.data_ptr<scalar_t>() : nullptr,
+                                           weight_grad ? weight_partials.data_ptr<acc>() : nullptr,
+                                           bias_grad ? bias_partials.data_ptr<acc>() : nullptr,
+                                           partial_segments > 0 ? segment_partials.data_ptr<acc>() : nullptr,
+                                           partial_segments,
+                                           tiles ? position_grad.data_ptr<scalar_t>() : nullptr,
+                                           tiles ? position_sums.data_ptr<acc>() : nullptr};
+      norm_backward_kernel<scalar_t, index_t><<<norm_grid(walk.units), kNormThreads, 0, stream>>>(
+          sum_source<scalar_t, index_t>(forward), norm_epilogue<acc>(args), data_or_null<int64_t>(args.dropout_seed),
+          data_or_null<scalar_t>(args.norm_weight), args.grad_out.data_ptr<scalar_t>(), args.stats.data_ptr<acc>(),
+          outs, walk, tokens);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // the units' partial sums, added in unit order
+      for (auto [partials, result] : {std::pair{&weight_partials, &weight_out}, std::pair{&bias_partials, &bias_out},
+                                      std::pair{&segment_partials, &segment_grad}}) {
+        const int64_t size = result->numel();
+        if (size == 0) continue;
+        sum_partials_kernel<scalar_t><<<static_cast<unsigned>((size + kNormThreads - 1) / kNormThreads), kNormThreads,
+                                        0, stream>>>(partials->data_ptr<acc>(), result->data_ptr<scalar_t>(),
+                                                     walk.units, size);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
-  return with_table_grads();
+  if (sparse) rest.token_grad = TokenGrad::kNone;
+  if (tiles) rest.num_positions = 0;
+  if (segments_here) rest.num_segments = 0;
+  auto [token_grad, rest_position_grad, rest_segment_grad] = backward_cuda(rest);
+  return {sparse ? values : token_grad, tiles ? position_grad : rest_position_grad,
+          segments_here ? segment_grad : rest_segment_grad, weight_out, bias_out};
 }
 
 }  // namespace
