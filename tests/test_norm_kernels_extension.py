@@ -131,9 +131,10 @@ POSITIONS = {
     "shard": dict(shard=True),
     "chunk": dict(chunk=True, position="concat"),
     "long-sequence": dict(batch=2, seq_len=300, position="interleaved"),
-    # CUDA: default positions in tiles of two (more than 1024 of them), a chunk's position rows, segment sums by key
+    # CUDA: default positions in tiles of two positions (more than 1024 of them) and of one with a chunk (periods of
+    # 256 and more; shorter ones, above, are summed by key), segment sums by key
     "learned-long-sequence": dict(batch=2, seq_len=1100, position="learned"),
-    "learned-chunk": dict(chunk=True, position="learned"),
+    "learned-chunk": dict(batch=2, seq_len=300, chunk=True, position="learned"),
     "many-segments": dict(segments=17),
 }
 

@@ -6,14 +6,14 @@
 // means) are block reductions in a fixed order: warp shuffles, then the warps' sums in warp order. Math in float32
 // (float64 for float64 tables). The dropout mask is regenerated from the seed, which the kernels read from device
 // memory: no host synchronization, CUDA-graph safe.
-// The backward is one pass over grad_out, a block per unit of tokens (BackwardWalk): kNormTokensPerBlock consecutive
-// tokens, or, for default positions, a tile of positions walked over the sequences, so that the block sums each of
-// its position rows whole. Each token's row of the sum's gradient is used at once: written as the sparse values,
-// added to the unit's norm weight / bias and segment partial rows, and to its running position row. A thread owns
-// the same columns for every token of its unit, so the unit's rows need no atomics; a second kernel adds the units'
-// rows in unit order. grad_sum is stored only where a gradient is then summed by key (dense token gradients,
-// explicit or packed positions, more than kMaxPartialSegments segments: the plain backward's kernels,
-// backward_cuda). No float atomics: every result is bitwise reproducible.
+// The backward is one pass over grad_out, a block per unit of tokens (BackwardWalk, at most kMaxBackwardUnits of
+// them): consecutive tokens, or, for default positions, a tile of positions walked over the sequences, so that the
+// block sums each of its position rows whole. Each token's row of the sum's gradient is used at once: written as
+// the sparse values, added to the unit's norm weight / bias and segment partial rows, and to its running position
+// row. A thread owns the same columns for every token of its unit, so the unit's rows need no atomics; a second
+// kernel adds the units' rows in unit order. grad_sum is stored only where a gradient is then summed by key (the
+// plain backward's kernels, backward_cuda): dense token gradients, explicit or packed positions, periods under
+// kMinTilePeriod, more than kMaxPartialSegments segments. No float atomics: every result is bitwise reproducible.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -33,8 +33,8 @@ namespace embedfast {
 namespace {
 
 constexpr int kNormThreads = 256;
-constexpr int64_t kNormTokensPerBlock = 64;  // a backward unit of consecutive tokens: fixed, as on the CPU
-constexpr int64_t kMaxPositionUnits = 1024;  // default positions: the period in at most this many tiles
+constexpr int64_t kMaxBackwardUnits = 1024;  // the backward's units (blocks): enough to fill a GPU, few partial rows
+constexpr int64_t kMinTilePeriod = 256;      // shorter periods: position rows summed by key, not by tiles
 constexpr int64_t kMaxPartialSegments = 16;  // per-unit segment sums; more segments are summed by key
 constexpr int64_t kMaxNormBlocks = int64_t{1} << 20;
 
@@ -348,16 +348,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_back
     return {token_grad, position_grad, segment_grad, at::zeros({weight_grad ? dim : 0}, args.weight.options()),
             at::zeros({bias_grad ? dim : 0}, args.weight.options())};
   }
-  const bool tiles = rest.num_positions > 0 && !args.position_ids.has_value() && !args.cu_seqlens.has_value();
+  const int64_t period = std::min(std::max<int64_t>(args.seq_len, 1), tokens);
+  const bool tiles = rest.num_positions > 0 && !args.position_ids.has_value() && !args.cu_seqlens.has_value() &&
+                     period >= kMinTilePeriod;
   const bool segments_here = rest.num_segments > 0 && rest.num_segments <= kMaxPartialSegments;
   const bool write_grad_sum = dense || (rest.num_positions > 0 && !tiles) || (rest.num_segments > 0 && !segments_here);
-  BackwardWalk walk{0, kNormTokensPerBlock, tiles, std::min(std::max<int64_t>(args.seq_len, 1), tokens), 1};
-  if (tiles) {
-    walk.tile = (walk.period + kMaxPositionUnits - 1) / kMaxPositionUnits;
-    walk.units = (walk.period + walk.tile - 1) / walk.tile;
-  } else {
-    walk.units = (tokens + kNormTokensPerBlock - 1) / kNormTokensPerBlock;
-  }
+  // from the shape alone, so that the partial sums and their order do not vary
+  BackwardWalk walk{0, (tokens + kMaxBackwardUnits - 1) / kMaxBackwardUnits, tiles, period,
+                    (period + kMaxBackwardUnits - 1) / kMaxBackwardUnits};
+  walk.units = tiles ? (period + walk.tile - 1) / walk.tile : (tokens + walk.tokens_per_unit - 1) / walk.tokens_per_unit;
   const auto math_options = args.weight.options().dtype(math_dtype);
   at::Tensor values = at::empty({sparse ? tokens : 0, dim}, args.weight.options());
   at::Tensor weight_partials = at::zeros({weight_grad ? walk.units : 0, dim}, math_options);
