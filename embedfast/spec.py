@@ -87,6 +87,7 @@ class CpuIsa(enum.IntEnum):
     PORTABLE = 0  # plain C++, vectorized by the compiler for the baseline x86-64 (or any other CPU)
     AVX2 = 1  # AVX2 + FMA + F16C
     AVX512 = 2  # AVX-512 F, BW, VL, DQ
+    AVX512BF16 = 3  # the same and AVX512-BF16: bfloat16 outputs rounded by instruction
 
 
 # the API's names: position= and sinusoid_layout= of the module and the functional form

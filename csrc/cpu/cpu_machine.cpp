@@ -23,6 +23,8 @@ bool can_run(CpuIsa isa) {
     case CpuIsa::kAvx512:
       return can_run(CpuIsa::kAvx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case CpuIsa::kAvx512Bf16:
+      return can_run(CpuIsa::kAvx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else

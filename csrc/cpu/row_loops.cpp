@@ -18,7 +18,9 @@
 namespace embedfast {
 namespace {
 
-constexpr int64_t kAvx2Block = 16;  // the columns of one block of the AVX2 lane order (row_loops_avx2.cpp)
+// the columns of one block of the AVX2 and AVX-512 bfloat16 lane orders (row_loops_avx2.cpp, simd_avx512.h)
+constexpr int64_t kAvx2Block = 16;
+constexpr int64_t kAvx512Block = 32;
 
 template <typename out_t>
 inline void rotate_row_impl(out_t* __restrict__ row, double* __restrict__ sine, double* __restrict__ cosine,
@@ -33,12 +35,20 @@ inline void rotate_row_impl(out_t* __restrict__ row, double* __restrict__ sine, 
 
 }  // namespace
 
-SideRowLayout::SideRowLayout(at::ScalarType storage, int64_t dim)
-    : columns_(dim), natural_(!(storage == at::kBFloat16 && cpu_isa() == CpuIsa::kAvx2)) {
+SideRowLayout::SideRowLayout(at::ScalarType storage, int64_t dim) : columns_(dim), natural_(true) {
   for (int64_t j = 0; j < dim; ++j) columns_[j] = j;
-  if (!natural_) {
+  if (storage != at::kBFloat16) return;
+  if (cpu_isa() == CpuIsa::kAvx2) {
+    natural_ = false;
     for (int64_t block = 0; block + kAvx2Block <= dim; block += kAvx2Block) {
       std::swap_ranges(columns_.begin() + block + 4, columns_.begin() + block + 8, columns_.begin() + block + 8);
+    }
+  } else if (cpu_isa() == CpuIsa::kAvx512 || cpu_isa() == CpuIsa::kAvx512Bf16) {
+    natural_ = false;
+    for (int64_t block = 0; block + kAvx512Block <= dim; block += kAvx512Block) {
+      for (int64_t slot = 0; slot < kAvx512Block; ++slot) {
+        columns_[block + slot] = block + (slot < kAvx512Block / 2 ? 2 * slot : 2 * (slot - kAvx512Block / 2) + 1);
+      }
     }
   }
 }
@@ -89,6 +99,8 @@ EMBEDFAST_ROW_KERNEL void norm_masked_rows(double* out, double* dy, const double
 #ifdef EMBEDFAST_X86_LOOPS
 #define EMBEDFAST_SIMD_OR_PORTABLE(loop, ...)                     \
   switch (cpu_isa()) {                                            \
+    case CpuIsa::kAvx512Bf16:                                     \
+      return avx512bf16::loop(__VA_ARGS__);                       \
     case CpuIsa::kAvx512:                                         \
       return avx512::loop(__VA_ARGS__);                           \
     case CpuIsa::kAvx2:                                           \

@@ -1,14 +1,15 @@
 // Row loops of the CPU kernels: the only code that touches every element of a row.
 //
-// Each loop takes the instruction-set path cpu_isa() chose (cpu_machine.h): row_loops_avx512.cpp,
-// row_loops_avx2.cpp, or the portable loops of row_loops_portable.h and norm_rows.h.
+// Each loop takes the instruction-set path cpu_isa() chose (cpu_machine.h): row_loops_avx512bf16.cpp,
+// row_loops_avx512.cpp, row_loops_avx2.cpp, or the portable loops of row_loops_portable.h and norm_rows.h.
 //
 // Token rows, gradient rows, outputs and the rows of the learned position and segment tables are read in the
 // storage dtype, in natural column order. The math-dtype "side rows" the loops read or write beside them
 // (sinusoid position rows, partial sums) are in the loops' lane order for the storage dtype, which SideRowLayout
-// owns: natural, except for bfloat16 on the AVX2 path, where every full block of 16 columns holds columns 0-3,
-// 8-11, 4-7, 12-15 (the order in which unpacking 16 bfloat16 values into two float32 vectors leaves them; see
-// row_loops_avx2.cpp). A bfloat16 table row read by the same unpacking lands in the same order.
+// owns: natural, except for bfloat16 on the vector paths, whose widening of a block into two float32 vectors
+// leaves it in another order: on AVX2 every full block of 16 columns holds columns 0-3, 8-11, 4-7, 12-15
+// (row_loops_avx2.cpp), on both AVX-512 paths every full block of 32 the even columns, then the odd ones
+// (simd_avx512.h). A bfloat16 table row read by the same widening lands in the same order.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -126,6 +127,7 @@ EMBEDFAST_DECLARE_NORM_ROW_LOOPS(c10::BFloat16, c10::BFloat16)
   }
 EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx2)
 EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx512)
+EMBEDFAST_DECLARE_SIMD_ROW_LOOPS(avx512bf16)
 #undef EMBEDFAST_DECLARE_SIMD_ROW_LOOPS
 #undef EMBEDFAST_DECLARE_STORAGE_POSITION_LOOP
 #undef EMBEDFAST_DECLARE_ROW_LOOPS

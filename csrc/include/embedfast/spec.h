@@ -38,7 +38,8 @@ namespace embedfast {
 #define EMBEDFAST_CPU_ISAS(X) \
   X(kPortable, 0)             \
   X(kAvx2, 1)                 \
-  X(kAvx512, 2)
+  X(kAvx512, 2)               \
+  X(kAvx512Bf16, 3)
 
 #define EMBEDFAST_ENUMERATOR(name, value) name = value,
 enum class PositionMode : int64_t { EMBEDFAST_POSITION_MODES(EMBEDFAST_ENUMERATOR) };
