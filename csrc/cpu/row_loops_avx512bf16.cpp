@@ -1,5 +1,5 @@
-// The row loops for AVX-512 F/BW/VL/DQ and AVX512-BF16 (CpuIsa::kAvx512Bf16): the primitives of simd_avx512.h in the loops of simd_row_loops.h, compiled for
-// that instruction set in this file alone.
+// The row loops for AVX-512 F/BW/VL/DQ and AVX512-BF16 (CpuIsa::kAvx512Bf16): the primitives of
+// simd_avx512.h in the loops of simd_row_loops.h, compiled for that instruction set in this file alone.
 #include <ATen/ATen.h>
 
 #include "row_loops.h"
