@@ -56,8 +56,8 @@ struct Simd {
     return _mm_cvtss_f32(_mm_add_ss(four, _mm_movehdup_ps(four)));
   }
 
-  // The dropout (kernel_math.h) of the columns first + lane_column(l) of a block of the row whose key is `key`, in
-  // scalar_t's lane order.
+  // The dropout (kernel_math.h) of a block of columns from `first` of the row whose key is `key`, lane l holding
+  // the column of scalar_t's lane order (for bfloat16 columns 0-3, 8-11, then 4-7, 12-15).
   struct Dropout {
     __m256i threshold;
     __m256 keep_scale;
@@ -67,11 +67,6 @@ struct Simd {
   };
   static Dropout dropout(uint32_t threshold, float keep_scale) {
     return {_mm256_set1_epi32(static_cast<int>(threshold)), _mm256_set1_ps(keep_scale)};
-  }
-  template <typename scalar_t>
-  static int64_t lane_column(int64_t lane) {
-    if (!std::is_same_v<scalar_t, c10::BFloat16>) return lane;
-    return (lane % 8) / 4 * 8 + lane / 8 * 4 + lane % 4;  // lanes 0-3, 8-11 | 4-7, 12-15
   }
   template <typename scalar_t>
   EMBEDFAST_INLINE static Kept kept(const Dropout& dropout, uint32_t key, uint32_t first) {

@@ -51,8 +51,8 @@ struct Simd {
   // the sum of the lanes, in a fixed order
   static float sum(Block a) { return _mm512_reduce_add_ps(_mm512_add_ps(a.lo, a.hi)); }
 
-  // The dropout (kernel_math.h) of the columns first + lane_column(l) of a block of the row whose key is `key`, in
-  // scalar_t's lane order.
+  // The dropout (kernel_math.h) of a block of columns from `first` of the row whose key is `key`, lane l holding
+  // the column of scalar_t's lane order (for bfloat16 the even columns, then the odd ones).
   struct Dropout {
     __m512i threshold;
     __m512 keep_scale;
@@ -62,11 +62,6 @@ struct Simd {
   };
   static Dropout dropout(uint32_t threshold, float keep_scale) {
     return {_mm512_set1_epi32(static_cast<int>(threshold)), _mm512_set1_ps(keep_scale)};
-  }
-  template <typename scalar_t>
-  static int64_t lane_column(int64_t lane) {
-    if (!std::is_same_v<scalar_t, c10::BFloat16>) return lane;
-    return lane < 16 ? 2 * lane : 2 * (lane - 16) + 1;  // even columns | odd columns
   }
   template <typename scalar_t>
   EMBEDFAST_INLINE static Kept kept(const Dropout& dropout, uint32_t key, uint32_t first) {

@@ -61,8 +61,8 @@ void store_side_blocks(scalar_t* out, const float* side, float scale, int64_t di
 // in a fixed order, then the row's tail columns in order; x, dy are rows in the lane order of scalar_t, like the
 // weight and bias side rows.
 
-// The dropout of a block of columns first + Simd::lane_column<scalar_t>(l) of the row whose key (kernel_math.h) is
-// `key`: kept values scaled, dropped ones +0
+// The dropout of the block of columns from `first`, in scalar_t's lane order, of the row whose key (kernel_math.h)
+// is `key`: kept values scaled, dropped ones +0
 template <typename scalar_t>
 EMBEDFAST_INLINE typename Simd::Block drop_block(typename Simd::Block values, const typename Simd::Dropout& dropout,
                                                  uint32_t key, int64_t first) {

@@ -401,12 +401,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_back
   if (sparse) rest.token_grad = TokenGrad::kNone;
   if (tiles) rest.num_positions = 0;
   if (segments_here) rest.num_segments = 0;
-  if (!write_grad_sum) {  // nothing left to sum by key: no second pass of the checks (a host synchronization)
-    const auto none = [&] { return at::empty({0, dim}, args.weight.options()); };
-    return {sparse ? values : none(), tiles ? position_grad : none(), segments_here ? segment_grad : none(),
-            weight_out, bias_out};
-  }
-  auto [token_grad, rest_position_grad, rest_segment_grad] = backward_cuda(rest);
+  // with nothing left to sum by key, no plain backward: it would check the ids again (a host synchronization)
+  const auto none = [&] { return at::empty({0, dim}, args.weight.options()); };
+  auto [token_grad, rest_position_grad, rest_segment_grad] =
+      write_grad_sum ? backward_cuda(rest) : std::tuple{none(), none(), none()};
   return {sparse ? values : token_grad, tiles ? position_grad : rest_position_grad,
           segments_here ? segment_grad : rest_segment_grad, weight_out, bias_out};
 }
