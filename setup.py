@@ -61,6 +61,17 @@ def import_installed_torch():
     return torch
 
 
+def loaded_libstdcxx() -> list[str]:
+    """The shared libstdc++ this process loaded with torch, named to the linker ahead of the compiler's own: the
+    extension then shares torch's even where the compiler links libstdc++ statically (the GPU machines' g++ does, and
+    a second copy inside the extension crashes its first stream read or error message)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return []
+    return sorted({line.split()[-1] for line in maps.splitlines() if "/libstdc++.so" in line})[:1]
+
+
 def extension_modules():
     if os.environ.get("EMBEDFAST_NO_EXTENSION") == "1":
         return [], {}
@@ -74,6 +85,7 @@ def extension_modules():
     sources = ["csrc/module.cpp", "csrc/eager.cpp", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))]
     # ATen's parallel_for is OpenMP inside the headers: without -fopenmp it runs on one thread
     cxx_flags = ["-O3", "-fno-math-errno", "-fopenmp"]
+    link_flags = ["-fopenmp", *loaded_libstdcxx()]
     include_dirs = [str(ROOT / "csrc" / "include")]
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -81,11 +93,11 @@ def extension_modules():
         include_dirs += pip_cuda_include_dirs()
         sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
         extension = cpp_extension.CUDAExtension(
-            "embedfast._C", sources, include_dirs=include_dirs, extra_link_args=["-fopenmp"],
+            "embedfast._C", sources, include_dirs=include_dirs, extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})
     else:
         extension = cpp_extension.CppExtension("embedfast._C", sources, include_dirs=include_dirs,
-                                               extra_link_args=["-fopenmp"], extra_compile_args={"cxx": cxx_flags})
+                                               extra_link_args=link_flags, extra_compile_args={"cxx": cxx_flags})
     print(f"embedfast: building {'CUDA + CPU' if use_cuda else 'CPU'} kernels"
           + (f" (CUDA_HOME={cuda_home}, arch list {os.environ.get('TORCH_CUDA_ARCH_LIST')})" if use_cuda else ""),
           file=sys.stderr)

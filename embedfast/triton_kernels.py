@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from torch.library import triton_op, wrap_triton
+from torch.torch_version import TorchVersion
 
 from . import ops
 from .op_checks import check_backward, check_forward
@@ -277,20 +278,21 @@ def _chunk_args(args) -> dict:
 
 
 INTERPRETED = isinstance(_forward_kernel, InterpretedFunction)
+# torch.compile traces into a triton_op's kernels. Not under the interpreter (wrap_triton hands interpreted kernels
+# back unwrapped, torch 2.11 rejects them), nor before torch 2.14, whose triton_op ignores schema= and infers one
+# from the function's annotations. There the operators are opaque custom_ops with the same schema.
+TRACEABLE = not INTERPRETED and TorchVersion(torch.__version__) >= "2.14"
 
 
-def _operator(kind: str, schema: str):
-    """``triton_op`` for compiled kernels. Under the interpreter compile could not trace the kernels
-    (``wrap_triton`` hands them back unwrapped), so there the op is an opaque ``custom_op`` instead."""
-    if INTERPRETED:
-        return torch.library.custom_op(ops.op_name(kind, "triton"), mutates_args=(), schema=schema)
-    return triton_op(ops.op_name(kind, "triton"), mutates_args=(), schema=schema)
+def _operator(kind: str):
+    """The ``kind`` operator of this backend, registered with its schema from ``spec``."""
+    define = triton_op if TRACEABLE else torch.library.custom_op
+    return define(ops.op_name(kind, "triton"), mutates_args=(), schema=schema(kind))
 
 
 def _launchable(kernel):
-    """The kernel as the host code launches it: ``wrap_triton``'s traceable form when compiled; under the
-    interpreter the kernel itself (torch 2.11's ``wrap_triton`` rejects interpreted kernels)."""
-    return kernel if INTERPRETED else wrap_triton(kernel)
+    """The kernel as the host code launches it: ``wrap_triton``'s traceable form inside a triton_op."""
+    return wrap_triton(kernel) if TRACEABLE else kernel
 
 
 def sum_arguments(args: ForwardInputs, mode: PositionMode) -> dict:
@@ -313,7 +315,7 @@ def sum_arguments(args: ForwardInputs, mode: PositionMode) -> dict:
         SHARDED=args.vocab_size != 0, FP64=_fp64_math(args.weight))
 
 
-@_operator("forward", schema("forward"))
+@_operator("forward")
 def forward_triton(*inputs):
     args = ForwardInputs(*inputs)
     mode = check_forward(args)
@@ -388,7 +390,7 @@ def _chunk_keys(keys: torch.Tensor, args: BackwardInputs) -> torch.Tensor:
     return keys if in_chunk is None else torch.where(in_chunk, keys, -1)
 
 
-@_operator("backward", schema("backward"))
+@_operator("backward")
 def backward_triton(*inputs):
     return table_grads(BackwardInputs(*inputs))
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .op_checks import check_forward, check_norm, check_norm_backward
 from .spec import (ForwardInputs, NormBackwardInputs, NormInputs, NormMode, PositionMode, TokenGrad, compute_dtype,
-                   dropout_threshold, schema, table_backward_inputs)
+                   dropout_threshold, table_backward_inputs)
 from .triton_kernels import (MAX_REGISTER_SEGMENTS, _float_arg, _launchable, _operator, _storage_value, _sum_tile,
                              sum_arguments, table_grads)
 
@@ -245,7 +245,7 @@ def _launch(forward: ForwardInputs, position_mode: PositionMode, norm: NormInput
         POSITION_TILES=backward.position_grad is not None, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
 
 
-@_operator("norm_forward", schema("norm_forward"))
+@_operator("norm_forward")
 def norm_forward_triton(*inputs):
     forward, norm = ForwardInputs(*inputs[:_NUM_FORWARD]), NormInputs(*inputs[_NUM_FORWARD:])
     position_mode = check_forward(forward)
@@ -259,7 +259,7 @@ def norm_forward_triton(*inputs):
     return out, stats
 
 
-@_operator("norm_backward", schema("norm_backward"))
+@_operator("norm_backward")
 def norm_backward_triton(*inputs):
     args = NormBackwardInputs(*inputs)
     forward = ForwardInputs(*inputs[2:2 + _NUM_FORWARD])
