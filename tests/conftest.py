@@ -23,6 +23,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on CUDA tensors; skipped where no GPU is visible")
     config.addinivalue_line("markers", "slow: large or long tests")
+    config.addinivalue_line("markers", "toolchain: reads the built extension's binary; gpu/check runs them on the GPU "
+                            "machine's build too")
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

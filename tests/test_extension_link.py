@@ -10,6 +10,8 @@ import torch
 
 import embedfast
 
+pytestmark = pytest.mark.toolchain
+
 
 def _library() -> Path:
     if embedfast.backends.unavailable_reason("extension", torch.device("cpu")) is not None:
