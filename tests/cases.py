@@ -18,6 +18,11 @@ ALL_NORM_GRADS = (True, int(TokenGrad.SPARSE), -1, True, True)
 # each way a norm backward can be asked for the tables' gradients: sparse, dense with a padding row, none
 NORM_GRAD_REQUESTS = {"sparse": ALL_NORM_GRADS, "dense-padding": (True, int(TokenGrad.DENSE), 3, True, True),
                       "none": (True, int(TokenGrad.NONE), -1, False, False)}
+# why a GPU's norm over one column is not compared with the reference: LayerNorm's variance is 0 there (rstd
+# 1/sqrt(eps)), RMSNorm's output is +-weight and its derivative a cancellation, so the one rounding fewer of a GPU's
+# fused multiply-add, amplified ~300x, moves the gradients past any fixed tolerance; the CPU tests cover dim 1, where
+# both round alike
+GPU_DIM_1_NORM = "a norm over one column is degenerate: rounding differences amplified by 1/sqrt(eps) (tests/cases.py)"
 
 
 @dataclasses.dataclass(frozen=True)

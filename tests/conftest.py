@@ -34,10 +34,20 @@ def device(request):
     return request.param
 
 
+def _available(backend: str, device: str) -> str:
+    reason = embedfast.backends.unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        pytest.skip(f"{backend} backend unavailable: {reason}")
+    return backend
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, device):
     """Each backend that can run on ``device``; the others are skipped with the reason."""
-    reason = embedfast.backends.unavailable_reason(request.param, torch.device(device))
-    if reason is not None:
-        pytest.skip(f"{request.param} backend unavailable: {reason}")
-    return request.param
+    return _available(request.param, device)
+
+
+@pytest.fixture(params=BACKENDS)
+def cpu_backend(request):
+    """Each backend that can run on CPU tensors, for tests of what only the CPU has (threads, its allocator)."""
+    return _available(request.param, "cpu")

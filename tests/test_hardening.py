@@ -64,10 +64,10 @@ def test_backward_is_bitwise_deterministic(sparse, backend, device):
         assert torch.equal(a, b)
 
 
-def test_cpu_results_do_not_depend_on_the_thread_count(backend):
+def test_cpu_results_do_not_depend_on_the_thread_count(cpu_backend):
     """Every sum runs in an order fixed by the inputs: 1, 2 and 3 threads give the same bits, forward and
     every gradient (learned and sinusoid positions, tiles split unevenly across threads)."""
-    if backend == "triton":
+    if cpu_backend == "triton":
         pytest.skip("the Triton interpreter runs programs one by one, not on torch's threads (and takes ~19 s here)")
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 50, (4, 300), generator=generator)
@@ -81,7 +81,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count(backend):
             for position in ("learned", "sinusoidal"):
                 torch.manual_seed(1)
                 module = embedfast.FusedInputEmbedding(50, 40, num_segments=3, position=position, max_positions=300,
-                                                       backend=backend)
+                                                       backend=cpu_backend)
                 outputs += [module(ids, types).detach(), *_gradients(module, ids, types, grad_out)]
             results.append(outputs)
     finally:
@@ -119,12 +119,12 @@ def _bytes_allocated(fn) -> int:
 
 
 @pytest.mark.parametrize("position", ["sinusoidal", "learned"])
-def test_memory_forward_allocates_its_output_and_backward_the_sparse_gradient(position, backend):
-    if backend == "reference":
+def test_memory_forward_allocates_its_output_and_backward_the_sparse_gradient(position, cpu_backend):
+    if cpu_backend == "reference":
         pytest.skip("the reference is the unfused ground truth: it allocates every intermediate on purpose")
     tokens, dim, seq_len, segments = 8 * 128, 256, 128, 2
     module = embedfast.FusedInputEmbedding(1000, dim, num_segments=segments, padding_idx=0, position=position,
-                                           max_positions=seq_len, backend=backend)
+                                           max_positions=seq_len, backend=cpu_backend)
     ids = torch.randint(0, 1000, (8, seq_len))
     types = torch.randint(0, 2, (8, seq_len))
     output_bytes = tokens * dim * 4
@@ -181,10 +181,10 @@ def test_documented_results_for_edge_cases(options, backend, device):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
-def test_check_bounds_false_still_checks_on_cpu(backend):
+def test_check_bounds_false_still_checks_on_cpu(cpu_backend):
     weight = torch.randn(5, 4)
     with pytest.raises(IndexError, match="input_ids contains 5"):
-        embedfast.fused_input_embedding(torch.tensor([1, 5]), weight, check_bounds=False, backend=backend)
+        embedfast.fused_input_embedding(torch.tensor([1, 5]), weight, check_bounds=False, backend=cpu_backend)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, under the Triton interpreter

@@ -14,7 +14,7 @@ from embedfast.reference import reference_norm_backward, reference_norm_forward
 from embedfast.spec import (TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, TokenGrad, compute_dtype,
                             dropout_threshold)
 
-from cases import ALL_NORM_GRADS, NORM_GRAD_REQUESTS
+from cases import ALL_NORM_GRADS, GPU_DIM_1_NORM, NORM_GRAD_REQUESTS
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(unavailable_reason("extension", CPU) is not None,
@@ -70,13 +70,12 @@ def _assert_close(actual, expected, dtype, scale=None, factor=4.0):
 
 
 def _assert_same_mask(actual, expected, norm):
-    """The dropped elements (dropout.keep_mask) are zeros in both; the kept ones are compared by value."""
+    """The dropped elements (dropout.keep_mask) are zeros in both; a kept one is zero only where the reference's
+    value is zero up to rounding (a sum can cancel), so no kept element was dropped however small it is."""
     keep = keep_mask(norm.dropout_seed, actual.shape[0], actual.shape[1], dropout_threshold(norm.dropout_p)).to(actual.device)
     assert not actual[~keep].any() and not expected[~keep].any()
-
-
-def _assert_same_zeros(actual, expected):
-    assert torch.equal(actual == 0, expected == 0), f"{int(((actual == 0) != (expected == 0)).sum())} elements differ"
+    zero_but_kept = expected[keep & (actual == 0)].double().abs()
+    assert (zero_but_kept <= TOLERANCE[actual.dtype]).all(), zero_but_kept.max()
 
 
 def _check(forward, norm, norm_grads=True):
@@ -88,7 +87,6 @@ def _check(forward, norm, norm_grads=True):
     _assert_close(out, ref_out, dtype)
     if norm.dropout_p > 0:
         _assert_same_mask(out, ref_out, norm)
-        _assert_same_zeros(out, ref_out)
     grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype).to(out.device)
     tokens = max(forward.input_ids.numel(), 1)
     results = {}
@@ -272,9 +270,7 @@ def _on(inputs, device):
 @pytest.mark.parametrize("mode", list(NormMode), ids=lambda m: m.name.lower())
 def test_cuda_matches_the_reference(dtype, dim, case, mode):
     if dim == 1 and mode != NormMode.NONE:
-        pytest.skip("a norm over one column is degenerate (LayerNorm: variance 0, rstd 1/sqrt(eps); RMSNorm: output "
-                    "+-weight, its derivative a cancellation): the one rounding fewer of CUDA's multiply-add in the sum "
-                    "moves its gradients past any fixed tolerance; the CPU tests cover dim 1, where both round alike")
+        pytest.skip(GPU_DIM_1_NORM)
     forward = _forward_inputs(dtype, dim, **case)
     cuda = torch.device("cuda")
     _check(_on(forward, cuda), _on(_norm_inputs(forward, mode, True, 0.3), cuda))

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from cases import ALL_NORM_GRADS, NORM_GRAD_REQUESTS
+from cases import ALL_NORM_GRADS, GPU_DIM_1_NORM, NORM_GRAD_REQUESTS
 from embedfast.dropout import dropout_bits
 from embedfast.reference import reference_norm_backward, reference_norm_forward
 from embedfast.spec import TOLERANCE, ForwardInputs, NormInputs, NormMode, PositionMode, dropout_threshold
@@ -108,6 +108,8 @@ def _check(forward, norm, dtype, generator, norm_grads=True):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", list(NormMode), ids=lambda m: m.name.lower())
 def test_norm_ops_match_reference(mode, dtype, dim, dropout_p, device):
+    if device == "cuda" and dim == 1 and mode != NormMode.NONE:
+        pytest.skip(GPU_DIM_1_NORM)
     generator = torch.Generator().manual_seed(1000 * int(mode) + 100 * DTYPES.index(dtype) + dim + int(10 * dropout_p))
     # the sum's source and the ids' dtype vary with the case, so that each is met under several norms and dtypes
     source = SOURCES[(dim + 3 * int(mode) + DTYPES.index(dtype)) % len(SOURCES)]
