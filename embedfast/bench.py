@@ -158,8 +158,12 @@ class Contenders:
                     {"bias": first.norm_bias.detach()} if first.norm_bias is not None else {})})
             self.dropout_layer = nn.Dropout(p.dropout) if p.dropout > 0 else nn.Identity()
             self.train(True)
-        # torch.compile cannot make the sparse gradient: the norm rows compile the dense one (the header says so)
-        self.compiled = torch.compile(self.eager_dense if p.norm_mode else self.eager)
+        # torch.compile cannot make the sparse gradient: the norm rows compile the dense one (the header says so).
+        # Each problem compiles afresh, for its static shapes: dynamo keys its cache on the code of `eager`, which
+        # every problem shares; past recompile_limit entries it would run eager code silently, and a second shape
+        # would get a dynamic-shape graph.
+        torch._dynamo.reset()
+        self.compiled = torch.compile(self.eager_dense if p.norm_mode else self.eager, dynamic=False)
 
     def eager(self, ids, types, sparse: bool | None = None):
         """The unfused PyTorch a user would write: nn.Embedding lookups (sparse or dense gradient), scale, adds;
