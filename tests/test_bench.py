@@ -58,17 +58,17 @@ def test_norm_contenders(norm, dropout, sparse):
     assert problem.bytes_moved(FWD_BWD) == forward + backward
 
 
-def test_compile_contender_is_compiled_for_every_problem(monkeypatch):
+def test_compile_contender_is_compiled_for_every_problem():
     """Each problem gets its own compiled graph. Dynamo keys its cache on the code of ``Contenders.eager``, which
     every problem shares: past ``recompile_limit`` entries it would run that code uncompiled, silently, and the
     torch.compile column would time eager PyTorch."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    for seq_len in range(1, 5):
-        contenders = Contenders(Problem("cpu", torch.float32, 1, seq_len, 16, 50, 2, "sinusoidal"), [])
-        graphs = counters["stats"]["unique_graphs"]
-        with torch.no_grad():
-            out = contenders.forward_fns()["torch.compile"]()
-        assert counters["stats"]["unique_graphs"] == graphs + 1, seq_len
-        torch.testing.assert_close(out.double(), contenders.truth())
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for seq_len in range(1, 5):
+            contenders = Contenders(Problem("cpu", torch.float32, 1, seq_len, 16, 50, 2, "sinusoidal"), [])
+            graphs = counters["stats"]["unique_graphs"]
+            with torch.no_grad():
+                out = contenders.forward_fns()["torch.compile"]()
+            assert counters["stats"]["unique_graphs"] == graphs + 1, seq_len
+            torch.testing.assert_close(out.double(), contenders.truth())
